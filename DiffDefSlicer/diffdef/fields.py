@@ -1,0 +1,114 @@
+"""Deformation fields on torch tensors ``(B, 3, i, j, k)`` in voxel units of their grid (see geometry).
+
+MONAI provides the warp (``Warp``) and scaling-and-squaring (``DVF2DDF``) blocks; written here is only what
+MONAI lacks: composition, resampling a displacement between grids of different spacing (unit change
+included), probabilistic label warping and the Jacobian determinant.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import Grid
+
+DEFAULT_INTEGRATION_STEPS = 7
+
+
+@functools.lru_cache(maxsize=None)
+def _warp(mode: str, padding: str):
+    from monai.networks.blocks import Warp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns that it uses torch's native grid_sample: that is intended
+        return Warp(mode=mode, padding_mode=padding)
+
+
+def check_displacement(disp: torch.Tensor, name: str = "displacement") -> None:
+    """Raise a clear error unless ``disp`` is a finite ``(B, 3, i, j, k)`` tensor."""
+    if disp.ndim != 5 or disp.shape[1] != 3:
+        raise ValueError(f"A {name} must have shape (batch, 3, i, j, k); got {tuple(disp.shape)} "
+                         f"({disp.shape[1] if disp.ndim > 1 else '?'} components).")
+    if not torch.isfinite(disp).all():
+        raise ValueError(f"The {name} contains NaN or infinite values.")
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = DEFAULT_INTEGRATION_STEPS) -> torch.Tensor:
+    """Stationary velocity field -> displacement of its exponential map, by scaling and squaring (MONAI)."""
+    if velocity.ndim != 5 or velocity.shape[1] != 3:
+        raise ValueError(f"A velocity field must have shape (batch, 3, i, j, k); got {tuple(velocity.shape)}.")
+    disp = velocity / (2**steps)
+    warp = _warp("bilinear", "border")
+    for _ in range(steps):
+        disp = disp + warp(disp, disp)
+    return disp
+
+
+def compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """Displacement of warping by ``first`` and then by ``then``:
+    ``warp(warp(I, first), then) == warp(I, compose(first, then))``, i.e. ``u(x) = then(x) + first(x + then(x))``."""
+    return then + _warp("bilinear", "border")(first, then)
+
+
+def warp_image(image: torch.Tensor, disp: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Warp ``(B, C, i, j, k)`` images with trilinear interpolation: ``out(x) = image(x + disp(x))``."""
+    return _warp("bilinear", padding)(image, disp)
+
+
+def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Warp an integer label map ``(B, 1, i, j, k)`` by nearest neighbour."""
+    return _warp("nearest", "border")(labels.float(), disp).round().to(labels.dtype)
+
+
+def warp_probabilities(probs: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Warp one-hot / probabilistic labels ``(B, L, i, j, k)`` linearly (partial volumes are kept)."""
+    return _warp("bilinear", "border")(probs, disp)
+
+
+def one_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``(B, 1, i, j, k)`` integer labels -> ``(B, L, i, j, k)`` float one-hot."""
+    return F.one_hot(labels[:, 0].long(), num_labels).permute(0, 4, 1, 2, 3).float()
+
+
+def _sampling_grid(src: Grid, dst: Grid, device, dtype=torch.float32) -> torch.Tensor:
+    """Normalised grid_sample coordinates ``(1, i, j, k, 3)`` of ``dst``'s voxel centres in ``src``."""
+    dst_to_src = np.linalg.inv(src.affine) @ dst.affine
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in dst.shape]
+    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
+    m = torch.as_tensor(dst_to_src, device=device, dtype=dtype)
+    coords = [m[r, 0] * ii + m[r, 1] * jj + m[r, 2] * kk + m[r, 3] for r in range(3)]
+    # grid_sample wants (x, y, z) = (k, j, i) order, normalised with align_corners=True
+    norm = [coords[r] * (2.0 / max(src.shape[r] - 1, 1)) - 1.0 for r in range(3)]
+    return torch.stack(norm[::-1], dim=-1)[None]
+
+
+def resample(image: torch.Tensor, src: Grid, dst: Grid, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
+    """Resample ``(B, C, i, j, k)`` from grid ``src`` onto grid ``dst`` (world-space identity map)."""
+    grid = _sampling_grid(src, dst, image.device, image.dtype).expand(image.shape[0], -1, -1, -1, -1)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def resample_displacement(disp: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
+    """Move a voxel-unit displacement from ``src`` to ``dst``: interpolate it trilinearly at ``dst``'s voxel
+    centres (edge values continue outside ``src``), convert ``src`` voxels -> mm -> ``dst`` voxels."""
+    check_displacement(disp)
+    sampled = resample(disp, src, dst, padding="border")
+    units = np.linalg.inv(dst.affine[:3, :3]) @ src.affine[:3, :3]
+    m = torch.as_tensor(units, dtype=disp.dtype, device=disp.device)
+    return torch.einsum("rc,bc...->br...", m, sampled)
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) ``(B, 1, i, j, k)`` of the map ``x -> x + u(x)``, central differences
+    (one-sided at the border), as SimpleITK's DisplacementFieldJacobianDeterminantFilter. Unitless."""
+    check_displacement(disp)
+    rows = []
+    for c in range(3):
+        grads = torch.gradient(disp[:, c], dim=(1, 2, 3))
+        rows.append([grads[d] + (1.0 if c == d else 0.0) for d in range(3)])
+    a, b, c = rows
+    det = (a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0]) + a[2] * (b[0] * c[1] - b[1] * c[0]))
+    return det[:, None]

@@ -1,0 +1,101 @@
+"""The MNI ICBM152 2009a (symmetric) template, its label map and the working grid.
+
+The T1 (uint8, 1 mm, 197 x 233 x 189) and the derived label map are committed under
+``Resources/Template`` (built by ``diffdef_training.template_build`` from nilearn's package data; MNI licence in
+``Resources/Template/LICENSE``), so the core and Slicer need no nilearn and no network.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import Grid
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Template"
+TEMPLATE_ID = "MNI152NLin2009aSym"
+TEMPLATE_FILES = {"t1": "mni_icbm152_2009a_sym_t1.nii.gz", "labels": "mni_icbm152_2009a_sym_labels.nii.gz"}
+
+#: (value, name, RGB 0..1) of the template label map.
+LABELS = (
+    (0, "background", (0.0, 0.0, 0.0)),
+    (1, "CSF", (0.35, 0.6, 0.95)),
+    (2, "gray matter", (0.85, 0.45, 0.35)),
+    (3, "white matter", (0.95, 0.93, 0.8)),
+    (4, "lateral ventricles", (0.2, 0.3, 0.85)),
+)
+NUM_LABELS = len(LABELS)
+LABEL_NAMES = {value: name for value, name, _ in LABELS}
+VENTRICLES, GM, WM = 4, 2, 3
+TISSUE = (GM, WM)
+
+#: 1 mm crop around the brain (voxel start, size) and the default downsampling of the working grid.
+CROP_START = (18, 21, 0)
+CROP_SIZE = (160, 192, 160)
+DEFAULT_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """The coarse grid deformations are learned on: a ``factor``-downsampled crop of the 1 mm template grid."""
+
+    fine: Grid  # the 1 mm crop
+    factor: int
+
+    @property
+    def grid(self) -> Grid:
+        return self.fine.downsample(self.factor)
+
+    def to_dict(self) -> dict:
+        return {"crop_start": list(CROP_START), "crop_size": list(self.fine.shape), "factor": self.factor,
+                "shape": list(self.grid.shape), "affine": self.grid.affine.tolist()}
+
+
+@dataclass(frozen=True)
+class Template:
+    """T1 in 0..1 (float32) and labels (uint8) on the 1 mm template grid, arrays (i, j, k)."""
+
+    t1: np.ndarray
+    labels: np.ndarray
+    grid: Grid
+
+    def working_grid(self, factor: int = DEFAULT_FACTOR) -> WorkingGrid:
+        return WorkingGrid(self.grid.crop(CROP_START, CROP_SIZE), factor)
+
+    def label_volumes_ml(self, labels: np.ndarray | None = None) -> dict[str, float]:
+        labels = self.labels if labels is None else labels
+        counts = np.bincount(labels.ravel(), minlength=NUM_LABELS)
+        return {name: float(counts[v]) * self.grid.voxel_volume_ml for v, name, _ in LABELS if v}
+
+    def t1_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.t1)[None, None]
+
+    def labels_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.labels.astype(np.int64))[None, None]
+
+    @functools.lru_cache(maxsize=4)
+    def on_working_grid(self, factor: int = DEFAULT_FACTOR) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T1 ``(1, 1, ...)``, label fractions ``(1, L, ...)``) block-averaged onto the working grid."""
+        sl = tuple(slice(s, s + n) for s, n in zip(CROP_START, CROP_SIZE))
+        t1 = torch.from_numpy(np.ascontiguousarray(self.t1[sl]))[None, None]
+        lab = torch.from_numpy(self.labels[sl].astype(np.int64))
+        onehot = F.one_hot(lab, NUM_LABELS).permute(3, 0, 1, 2)[None].float()
+        return F.avg_pool3d(t1, factor), F.avg_pool3d(onehot, factor)
+
+    def __hash__(self):
+        return id(self)
+
+
+@functools.lru_cache(maxsize=1)
+def load_template() -> Template:
+    """Load the committed template resources (cached)."""
+    from .io import read_image
+
+    t1, grid = read_image(TEMPLATE_DIR / TEMPLATE_FILES["t1"])
+    labels, label_grid = read_image(TEMPLATE_DIR / TEMPLATE_FILES["labels"])
+    grid.require_same(label_grid, "template label map")
+    return Template(t1.astype(np.float32) / 255.0, labels.astype(np.uint8), grid)
