@@ -99,3 +99,20 @@ def load_template() -> Template:
     labels, label_grid = read_image(TEMPLATE_DIR / TEMPLATE_FILES["labels"])
     grid.require_same(label_grid, "template label map")
     return Template(t1.astype(np.float32) / 255.0, labels.astype(np.uint8), grid)
+
+
+def main() -> None:
+    """Print the template label map's volume per label (``python -m diffdef.template``)."""
+    template = load_template()
+    grid = template.grid
+    print(f"Template {TEMPLATE_ID}: shape {grid.shape}, spacing {np.round(grid.spacing, 3).tolist()} mm")
+    print(f"{'label':>5}  {'name':20s} {'volume':>10}")
+    for (value, name, _), ml in zip(LABELS[1:], template.label_volumes_ml().values()):
+        print(f"{value:5d}  {name:20s} {ml:7.1f} ml")
+    work = template.working_grid()
+    print(f"Working grid: shape {work.grid.shape}, spacing {np.round(work.grid.spacing, 3).tolist()} mm "
+          f"(1 mm crop at {list(CROP_START)} of size {list(CROP_SIZE)}, factor {work.factor})")
+
+
+if __name__ == "__main__":
+    main()
