@@ -112,3 +112,25 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
     a, b, c = rows
     det = (a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0]) + a[2] * (b[0] * c[1] - b[1] * c[0]))
     return det[:, None]
+
+
+def sample_points(image: torch.Tensor, grid: Grid, ras: np.ndarray, padding: str = "border") -> torch.Tensor:
+    """Trilinear values of ``image`` ``(1, C, i, j, k)`` on ``grid`` at RAS points ``(N, 3)`` -> ``(C, N)``."""
+    ijk = torch.as_tensor(grid.world_to_voxel(ras), dtype=image.dtype, device=image.device)
+    norm = torch.stack([ijk[:, r] * (2.0 / max(grid.shape[r] - 1, 1)) - 1.0 for r in (2, 1, 0)], dim=-1)
+    out = F.grid_sample(image, norm[None, :, None, None], mode="bilinear", padding_mode=padding, align_corners=True)
+    return out[0, :, :, 0, 0]
+
+
+def warp_onto(image: torch.Tensor, src: Grid, disp: torch.Tensor, dst: Grid, mode: str = "bilinear",
+              padding: str = "zeros") -> torch.Tensor:
+    """Warp ``image`` (on ``src``) onto another grid ``dst``: ``out(x) = image(x + disp(x))`` with ``x`` a voxel of
+    ``dst`` and ``disp`` ``(B, 3, ...)`` in ``dst`` voxel units (so ``dst`` may be a crop or a finer grid)."""
+    check_displacement(disp)
+    base = _sampling_grid(src, dst, disp.device, disp.dtype)  # identity positions, normalised in src
+    to_src = torch.as_tensor(np.linalg.inv(src.affine[:3, :3]) @ dst.affine[:3, :3], dtype=disp.dtype, device=disp.device)
+    shift = torch.einsum("rc,bc...->b...r", to_src, disp)  # src voxels, (B, i, j, k, 3) in (i, j, k) order
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in src.shape], dtype=disp.dtype, device=disp.device)
+    grid = base + (shift * scale).flip(-1)
+    return F.grid_sample(image.expand(disp.shape[0], *image.shape[1:]) if image.shape[0] == 1 else image, grid,
+                         mode=mode, padding_mode=padding, align_corners=True)
