@@ -1,0 +1,171 @@
+"""Model bundles: a folder with ``model.json`` and one ``.safetensors`` file per network.
+
+``model.json`` records the format version, the architectures and their arguments, the condition spec, the
+working-grid geometry, the template id and checksums, the latent shape and scale, sampling defaults, the
+weight files with their SHA-256, and training provenance. Loading validates all of it and never unpickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import networks
+from .conditions import ConditionSpec
+from .geometry import Grid
+from .template import TEMPLATE_DIR, TEMPLATE_FILES, TEMPLATE_ID
+
+FORMAT = "diffdef-bundle"
+FORMAT_VERSION = 1
+NETWORKS = ("diffusion", "condition_embedding", "decoder", "registration")
+OPTIONAL_NETWORKS = ("image_decoder",)
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
+REQUIRED_KEYS = ("format", "format_version", "template", "working_grid", "conditions", "architecture", "latent",
+                 "sampling", "weights", "provenance")
+
+
+class BundleError(ValueError):
+    """The folder is not a valid DiffDef model bundle; the message says what is wrong and what to do."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def template_checksums() -> dict:
+    return {kind: sha256(TEMPLATE_DIR / name) for kind, name in TEMPLATE_FILES.items()}
+
+
+def build_network(name: str, arch: dict, num_conditions: int) -> torch.nn.Module:
+    """Instantiate network ``name`` from the bundle's architecture section."""
+    if name == "diffusion":
+        return networks.build_diffusion(arch["diffusion"])
+    if name == "condition_embedding":
+        return networks.ConditionEmbedding(num_conditions, **arch["condition_embedding"])
+    if name == "decoder":
+        return networks.DeformationDecoder(arch["autoencoder"], num_conditions)
+    if name == "registration":
+        return networks.RegistrationNet(**arch["registration"])
+    if name == "image_decoder":
+        return networks.build_autoencoder(arch["autoencoder"])
+    raise BundleError(f"Unknown network {name!r} in bundle.")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    spec: ConditionSpec
+    working_grid: Grid
+    nets: dict
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["latent"]["shape"])
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.meta["latent"]["scale_factor"])
+
+    def to(self, device) -> "Bundle":
+        for net in self.nets.values():
+            net.to(device)
+        return self
+
+
+def _load_weights(net: torch.nn.Module, file: Path, expected_sha: str, name: str) -> None:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise BundleError(f"Weight file {file.name} for {name!r} is missing from {file.parent}.")
+    if sha256(file) != expected_sha:
+        raise BundleError(f"Checksum mismatch for {file.name}: the file is corrupt or was replaced. "
+                          "Re-copy the bundle or re-export it from training.")
+    try:
+        state = load_file(str(file))
+    except Exception as exc:
+        raise BundleError(f"Cannot read {file.name} as safetensors ({exc}).") from exc
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+            f"wrong shape {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong else ""]))
+        raise BundleError(f"Weights in {file.name} do not match the architecture in model.json ({detail}).")
+    net.load_state_dict(state)
+    net.eval()
+
+
+def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_template: bool = True) -> Bundle:
+    """Load and validate a bundle folder (default: the shipped model). Raises :class:`BundleError`."""
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    meta_file = path / "model.json"
+    if not meta_file.is_file():
+        raise BundleError(f"{path} is not a DiffDef model bundle: it has no model.json. Choose the folder that "
+                          "holds model.json and the .safetensors files (made by diffdef-train export).")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_file} is not valid JSON ({exc}).") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_file} must hold a JSON object.")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_file} lacks required key(s) {', '.join(missing)}.")
+    if meta["format"] != FORMAT:
+        raise BundleError(f"{meta_file} is not a DiffDef bundle (format {meta['format']!r}).")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"Bundle format version {meta['format_version']} is not supported by this DiffDef "
+                          f"(supports {FORMAT_VERSION}); update DiffDef or re-export the bundle.")
+    if meta["template"].get("id") != TEMPLATE_ID:
+        raise BundleError(f"The bundle was trained on template {meta['template'].get('id')!r}, not {TEMPLATE_ID}.")
+    if check_template and meta["template"].get("sha256") != template_checksums():
+        raise BundleError("The bundle's template checksum does not match this installation's template files.")
+    try:
+        spec = ConditionSpec.from_list(meta["conditions"])
+        grid = Grid.from_dict(meta["working_grid"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise BundleError(f"Invalid conditions or working_grid in {meta_file} ({exc}).") from exc
+    nets = {}
+    for name in networks_wanted:
+        if name not in meta["weights"]:
+            if name in OPTIONAL_NETWORKS:
+                continue
+            raise BundleError(f"The bundle has no weights for {name!r}.")
+        net = build_network(name, meta["architecture"], len(spec))
+        entry = meta["weights"][name]
+        _load_weights(net, path / entry["file"], entry["sha256"], name)
+        nets[name] = net
+    return Bundle(path, meta, spec, grid, nets)
+
+
+def save_bundle(path, meta: dict, nets: dict, overwrite: bool = False) -> Path:
+    """Write ``nets`` as safetensors and ``meta`` (weights section filled in) as model.json, atomically per file."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    path = Path(path)
+    if (path / "model.json").exists() and not overwrite:
+        raise FileExistsError(f"{path} already holds a bundle; pass overwrite to replace it.")
+    path.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, weights={})
+    meta.setdefault("template", {}).update(id=TEMPLATE_ID, sha256=template_checksums())
+    for name, net in nets.items():
+        file = path / f"{name}.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        with atomic_path(file, overwrite=True) as tmp:
+            save_file(state, str(tmp))
+        meta["weights"][name] = {"file": file.name, "sha256": sha256(file)}
+    with atomic_path(path / "model.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+    return path

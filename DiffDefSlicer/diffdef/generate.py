@@ -1,0 +1,115 @@
+"""Atlas generation: conditions -> DDIM latent -> deformation decoder -> velocity on the working grid ->
+scaling and squaring -> displacement resampled to the 1 mm template grid -> warped template T1 and labels."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import fields, metrics
+from .bundle import Bundle, load_bundle
+from .geometry import Grid, displacement_to_mm
+from .sampling import Cancelled, sample_latents
+from .template import LABELS, load_template
+
+__all__ = ["Atlas", "AtlasGenerator", "Cancelled", "resolve_device"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"Unknown device {device!r}: use auto, cpu or cuda.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("Device 'cuda' was requested but this torch has no usable GPU; use --device cpu or auto.")
+    return torch.device(device)
+
+
+@dataclass
+class Atlas:
+    """A generated atlas on the 1 mm template grid, arrays (i, j, k).
+
+    ``displacement_mm``: (i, j, k, 3) RAS mm, pull-back: ``atlas(x) = template(x + u(x))``.
+    ``velocity``: (1, 3, ...) on the working grid, working-grid voxels."""
+
+    t1: np.ndarray
+    labels: np.ndarray
+    displacement_mm: np.ndarray
+    grid: Grid
+    conditions: dict
+    seed: int
+    folding_ratio: float
+    label_volumes_ml: dict
+    velocity: torch.Tensor
+    jacobian: np.ndarray | None = None
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+class AtlasGenerator:
+    """Generates atlases from a model bundle. ``progress(fraction 0..1, message)`` is called between steps;
+    ``cancel()`` returning True stops the work with :class:`Cancelled`."""
+
+    def __init__(self, bundle: Bundle | str | None = None, device: str = "auto"):
+        self.device = resolve_device(device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.bundle.to(self.device)
+        self.template = load_template()
+        self.spec = self.bundle.spec
+        self.sampling = self.bundle.meta["sampling"]
+
+    def velocity(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 progress: Callable | None = None, cancel: Callable | None = None) -> tuple[torch.Tensor, dict, list]:
+        """Validated conditions -> velocity ``(1, 3, ...)`` on the working grid (voxels), values, warnings."""
+        values, warnings = self.spec.validate(conditions)
+        cond = self.spec.normalise(values).to(self.device)
+        nets = self.bundle.nets
+        gen = torch.Generator().manual_seed(int(seed))
+        steps = int(steps or self.sampling["steps"])
+        latent = sample_latents(
+            nets["diffusion"], nets["condition_embedding"], self.bundle.meta["architecture"]["scheduler"], cond,
+            self.bundle.latent_shape, steps=steps, guidance=float(self.sampling["guidance"] if guidance is None else guidance),
+            generator=gen, cancel=cancel,
+            progress=(lambda n, total: progress(0.8 * n / total, f"Diffusion step {n}/{total}")) if progress else None)
+        with torch.no_grad():
+            velocity = nets["decoder"](latent, cond)
+        return velocity, values, warnings
+
+    def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 jacobian: bool = False, progress: Callable | None = None, cancel: Callable | None = None) -> Atlas:
+        timings = {}
+        t0 = time.perf_counter()
+        velocity, values, warnings = self.velocity(conditions, seed, steps, guidance, progress, cancel)
+        timings["sampling_and_decoding_s"] = time.perf_counter() - t0
+        if cancel is not None and cancel():
+            raise Cancelled("Generation was cancelled.")
+        if progress:
+            progress(0.85, "Integrating the velocity field")
+        t = time.perf_counter()
+        with torch.no_grad():
+            disp_work = fields.integrate_velocity(velocity, int(self.sampling.get("integration_steps", 7)))
+            disp = fields.resample_displacement(disp_work, self.bundle.working_grid, self.template.grid)
+        timings["integration_s"] = time.perf_counter() - t
+        if progress:
+            progress(0.9, "Warping the template")
+        t = time.perf_counter()
+        with torch.no_grad():
+            t1 = fields.warp_image(self.template.t1_tensor().to(self.device), disp)
+            labels = fields.warp_labels(self.template.labels_tensor().to(self.device), disp)
+            det = fields.jacobian_determinant(disp)
+        timings["warping_s"] = time.perf_counter() - t
+        labels_np = labels[0, 0].cpu().numpy().astype(np.uint8)
+        atlas = Atlas(
+            t1=t1[0, 0].cpu().numpy(), labels=labels_np,
+            displacement_mm=displacement_to_mm(disp, self.template.grid)[0].permute(1, 2, 3, 0).cpu().numpy(),
+            grid=self.template.grid, conditions=values, seed=int(seed),
+            folding_ratio=metrics.folding_ratio(det), label_volumes_ml=self.template.label_volumes_ml(labels_np),
+            velocity=velocity.cpu(), jacobian=det[0, 0].cpu().numpy() if jacobian else None,
+            warnings=warnings, timings=timings)
+        if progress:
+            progress(1.0, "Done")
+        return atlas

@@ -1,0 +1,207 @@
+"""Training configuration: one schema for every stage, read from YAML or JSON and validated before any work.
+
+Unknown keys, wrong types and out-of-range values are refused with the key's dotted path.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffdef.networks import DEFAULT_ARCH
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key."""
+
+
+@dataclass
+class CohortConfig:
+    source: str = "synthetic"  # "synthetic" or a manifest CSV path (real cohort, preprocessed on first use)
+    conditions: list = field(default_factory=lambda: ["age", "ventricle_volume"])
+    size: int = 400  # synthetic: training subjects
+    held_out: int = 60  # synthetic: held-out subjects (indices after the training ones)
+    seed: int = 0
+    factor: int = 4  # working grid = 1 mm crop downsampled by this factor
+    cache: str = ""  # real cohort: preprocessing cache folder (default <output>/cohort_cache)
+
+
+@dataclass
+class StageConfig:
+    steps: int = 100
+    batch_size: int = 4  # global batch (split across ranks)
+    lr: float = 1e-3
+    warmup: int = 20
+    accumulate: int = 1  # gradient accumulation (micro-batches per step)
+    ema: float = 0.0  # EMA decay of the weights (0: off)
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
+@dataclass
+class AutoencoderConfig(StageConfig):
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class DiffusionConfig(StageConfig):
+    condition_dropout: float = 0.15  # per condition
+    unconditional: float = 0.1  # all conditions missing (classifier-free guidance)
+
+
+@dataclass
+class RegistrationConfig(StageConfig):
+    lncc_kernel: int = 5
+    smooth_weight: float = 1.0
+    dice_weight: float = 0.5
+    template_moving: float = 0.5  # probability that the moving image is the template
+
+
+@dataclass
+class DecoderConfig(StageConfig):
+    neighbours: int = 10  # N: neighbourhood size
+    sigma: float = 0.3  # Gaussian width on the normalised condition distance
+    mp_loss: bool = True  # morphology-preservation (centrality) term; False = ablation
+    mp_weight: float = 1.0
+    sim_weight: float = 1.0
+    smooth_weight: float = 0.5
+    bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
+    condition_dropout: float = 0.15
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 20
+    guidance: float = 1.5
+    integration_steps: int = 7
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision (bf16) on GPU; ignored on CPU
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=lambda: AutoencoderConfig(steps=600, lr=2e-3))
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=2000, batch_size=16, lr=1e-3, ema=0.999))
+    registration: RegistrationConfig = field(default_factory=lambda: RegistrationConfig(steps=800, lr=1e-3))
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(steps=600, batch_size=2, lr=2e-4))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    architecture: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_ARCH))
+
+    def stage(self, name: str) -> StageConfig:
+        return getattr(self, name)
+
+    def hash(self, *sections: str) -> str:
+        d = dataclasses.asdict(self)
+        d = {k: d[k] for k in sections} if sections else d
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(value, typ, path: str):
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}.")
+        return _build(typ, value, path)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or typ
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool) \
+            or not isinstance(value, expected):
+        raise ConfigError(f"{path} must be {getattr(expected, '__name__', expected)}, got {value!r}.")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"Unknown key {prefix}{unknown[0]}; valid keys{' of ' + prefix[:-1] if prefix else ''}: "
+                          f"{', '.join(names)}.")
+    obj = cls()
+    for k, v in data.items():
+        if k == "architecture":
+            merged = copy.deepcopy(DEFAULT_ARCH)
+            for part, args in _check(v, dict, prefix + k).items():
+                if part not in merged:
+                    raise ConfigError(f"Unknown key {prefix}architecture.{part}; valid: {', '.join(merged)}.")
+                merged[part].update(_check(args, dict, f"{prefix}architecture.{part}"))
+            v = merged
+        else:
+            default = getattr(obj, k)
+            if dataclasses.is_dataclass(default):  # merge onto the field's own defaults
+                v = _build_onto(default, _check(v, dict, prefix + k), prefix + k + ".")
+            else:
+                v = _check(v, hints[k], prefix + k)
+        setattr(obj, k, v)
+    return obj
+
+
+def _build_onto(default, data: dict, prefix: str):
+    base = dataclasses.asdict(default)
+    unknown = [k for k in data if k not in base]
+    if unknown:
+        raise ConfigError(f"Unknown key {prefix}{unknown[0]}; valid keys of {prefix[:-1]}: {', '.join(base)}.")
+    hints = typing.get_type_hints(type(default))
+    for k, v in data.items():
+        base[k] = _check(v, hints[k], prefix + k)
+    return type(default)(**base)
+
+
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    for name in ("autoencoder", "diffusion", "registration", "decoder"):
+        s = cfg.stage(name)
+        for key in ("steps", "batch_size", "accumulate", "checkpoint_every", "log_every"):
+            if getattr(s, key) < 1:
+                raise ConfigError(f"{name}.{key} must be >= 1, got {getattr(s, key)}.")
+        if s.lr <= 0 or not 0 <= s.ema < 1:
+            raise ConfigError(f"{name}.lr must be > 0 and {name}.ema in [0, 1).")
+    if cfg.decoder.neighbours < 1 or cfg.decoder.sigma <= 0:
+        raise ConfigError("decoder.neighbours must be >= 1 and decoder.sigma > 0.")
+    if cfg.cohort.factor not in (2, 4, 8):
+        raise ConfigError(f"cohort.factor must be 2, 4 or 8 (the 1 mm crop 160x192x160 divides), got {cfg.cohort.factor}.")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
+    return cfg
+
+
+def from_dict(data: dict) -> TrainConfig:
+    return _validate(_build(TrainConfig, data or {}))
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML/JSON config (None: defaults) and apply ``overrides`` (same nesting)."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as exc:
+            raise ConfigError(f"Cannot parse {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level.")
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    return from_dict(data)

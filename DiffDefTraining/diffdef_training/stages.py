@@ -1,0 +1,250 @@
+"""The four training stages: autoencoder, latent diffusion, registration network, deformation decoder.
+
+Each stage is a function ``(cfg, ctx, cohort, stage_dir, upstream, resume) -> trained modules`` built on
+:func:`diffdef_training.engine.train`; the pipeline runs them in order and saves their weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffdef import fields
+from diffdef.networks import ConditionEmbedding, DeformationDecoder, RegistrationNet, build_autoencoder, \
+    build_diffusion, build_scheduler
+from diffdef.sampling import sample_latents
+
+from .config import TrainConfig
+from .engine import RunContext, StepData, sample_generator, train
+
+
+class CohortTensors:
+    """The training cohort in memory on the working grid: images (N,1,...), one-hot labels (N,L,...) or None,
+    normalised conditions (N,K) with NaN for missing, plus the template on the same grid."""
+
+    def __init__(self, images, labels, conditions, spec, template_t1, template_fractions, grid):
+        self.images, self.labels, self.conditions = images, labels, conditions
+        self.spec, self.template_t1, self.template_fractions, self.grid = spec, template_t1, template_fractions, grid
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, i):  # for the DistributedSampler: items are indices
+        return i
+
+
+def _brain_mask(cohort: CohortTensors) -> torch.Tensor:
+    return (cohort.template_fractions[:, 1:].sum(1, keepdim=True) > 0.5).float()
+
+
+# -- autoencoder ------------------------------------------------------------------------------------------------
+def train_autoencoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, resume=False, **kw) -> nn.Module:
+    scfg = cfg.autoencoder
+    ae = build_autoencoder(cfg.architecture["autoencoder"])
+    data = StepData(cohort, scfg.batch_size, ctx, cfg.seed)
+    images = cohort.images
+
+    def loss_fn(model, step, micro):
+        idx = data.indices(step * scfg.accumulate + micro)
+        x = images[idx].to(ctx.device)
+        recon, mu, sigma = model(x)
+        l1 = F.l1_loss(recon.float(), x)
+        kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4)).mean()
+        return l1 + scfg.kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+
+    return train("autoencoder", ae, loss_fn, scfg, ctx, out, resume, **kw)
+
+
+@torch.no_grad()
+def encode_latents(ae: nn.Module, images: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
+    """Posterior means of the images' latents ``(N, C, ...)``."""
+    ae.eval().to(device)
+    return torch.cat([ae.encode(images[i : i + batch].to(device))[0].cpu() for i in range(0, len(images), batch)])
+
+
+# -- latent diffusion -------------------------------------------------------------------------------------------
+class ConditionalDiffusion(nn.Module):
+    """MONAI DiffusionModelUNet + the condition embedding, trained together (one module for DDP)."""
+
+    def __init__(self, arch: dict, num_conditions: int):
+        super().__init__()
+        self.unet = build_diffusion(arch["diffusion"])
+        self.embedding = ConditionEmbedding(num_conditions, **arch["condition_embedding"])
+
+    def forward(self, x, t, conditions):
+        return self.unet(x, t, context=self.embedding(conditions))
+
+
+def drop_conditions(conditions: torch.Tensor, gens, p_each: float, p_all: float) -> torch.Tensor:
+    """Condition dropout with per-sample generators: each condition NaN with ``p_each``, all with ``p_all``."""
+    out = conditions.clone()
+    for b, g in enumerate(gens):
+        u = torch.rand(conditions.shape[1] + 1, generator=g)
+        out[b, u[1:] < p_each] = float("nan")
+        if u[0] < p_all:
+            out[b] = float("nan")
+    return out
+
+
+def train_diffusion(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, latents: torch.Tensor,
+                    resume=False, **kw) -> ConditionalDiffusion:
+    scfg = cfg.diffusion
+    arch = cfg.architecture
+    model = ConditionalDiffusion(arch, cohort.conditions.shape[1])
+    scheduler = build_scheduler(arch["scheduler"], "ddpm")
+    data = StepData(cohort, scfg.batch_size, ctx, cfg.seed + 1)
+    T = scheduler.num_train_timesteps
+
+    def loss_fn(m, step, micro):
+        idx = data.indices(step * scfg.accumulate + micro)
+        gens = [sample_generator(cfg.seed, step * scfg.accumulate + micro, i) for i in idx]
+        z = latents[idx]
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
+        t = torch.stack([torch.randint(0, T, (1,), generator=g)[0] for g in gens])
+        cond = drop_conditions(cohort.conditions[idx], gens, scfg.condition_dropout, scfg.unconditional)
+        noisy = scheduler.add_noise(z, noise, t)
+        target = scheduler.get_velocity(z, noise, t) if scheduler.prediction_type == "v_prediction" else noise
+        pred = m(noisy.to(ctx.device), t.to(ctx.device), cond.to(ctx.device))
+        loss = F.mse_loss(pred.float(), target.to(ctx.device))
+        return loss, {"mse": loss.item()}
+
+    return train("diffusion", model, loss_fn, scfg, ctx, out, resume, **kw)
+
+
+# -- registration network ---------------------------------------------------------------------------------------
+def registration_losses(kernel: int):
+    from monai.losses import DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+
+    return (LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=kernel),
+            DiffusionLoss(), DiceLoss(include_background=False, reduction="mean"))
+
+
+def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, resume=False, **kw) -> nn.Module:
+    scfg = cfg.registration
+    net = RegistrationNet(**cfg.architecture["registration"])
+    lncc, smooth, dice = registration_losses(scfg.lncc_kernel)
+    data = StepData(cohort, scfg.batch_size, ctx, cfg.seed + 2)
+    n = len(cohort)
+
+    def loss_fn(m, step, micro):
+        idx = data.indices(step * scfg.accumulate + micro)
+        gens = [sample_generator(cfg.seed + 2, step * scfg.accumulate + micro, i) for i in idx]
+        moving, moving_lab = [], []
+        for g in gens:  # moving: the template or another subject
+            if float(torch.rand(1, generator=g)) < scfg.template_moving:
+                moving.append(cohort.template_t1[0])
+                moving_lab.append(cohort.template_fractions[0])
+            else:
+                j = int(torch.randint(0, n, (1,), generator=g))
+                moving.append(cohort.images[j])
+                moving_lab.append(cohort.labels[j] if cohort.labels is not None else None)
+        mov = torch.stack(moving).to(ctx.device)
+        fix = cohort.images[idx].to(ctx.device)
+        velocity = m(mov, fix)
+        disp = fields.integrate_velocity(velocity.float())
+        warped = fields.warp_image(mov, disp)
+        sim = lncc(warped, fix)
+        reg = smooth(velocity.float())
+        loss = sim + scfg.smooth_weight * reg
+        logs = {"lncc": sim.item(), "smooth": reg.item()}
+        if cohort.labels is not None and scfg.dice_weight > 0:
+            mov_lab = torch.stack(moving_lab).to(ctx.device)
+            d = dice(fields.warp_probabilities(mov_lab, disp), cohort.labels[idx].to(ctx.device))
+            loss = loss + scfg.dice_weight * d
+            logs["dice_loss"] = d.item()
+        return loss, logs
+
+    return train("registration", net, loss_fn, scfg, ctx, out, resume, **kw)
+
+
+# -- deformation decoder with the morphology-preservation loss ---------------------------------------------------
+@torch.no_grad()
+def latent_bank(cfg: TrainConfig, cohort: CohortTensors, diffusion: ConditionalDiffusion, latent_shape, device,
+                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bank_size`` (normalised condition, DDIM latent) pairs: conditions of random training subjects with
+    condition dropout, latents sampled once with the sampling defaults (deterministic in the seed)."""
+    dcfg = cfg.decoder
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    pick = torch.randint(0, len(cohort), (dcfg.bank_size,), generator=g)
+    gens = [sample_generator(cfg.seed + 3, 0, i) for i in range(dcfg.bank_size)]
+    conds = drop_conditions(cohort.conditions[pick], gens, dcfg.condition_dropout, 0.0)
+    diffusion.eval().to(device)
+    latents = []
+    from tqdm import tqdm
+
+    for i in tqdm(range(0, dcfg.bank_size, 32), desc="latent bank", disable=not progress):
+        c = conds[i : i + 32].to(device)
+        latents.append(sample_latents(diffusion.unet, diffusion.embedding, cfg.architecture["scheduler"], c,
+                                      latent_shape, cfg.sampling.steps, cfg.sampling.guidance, generator=g).cpu())
+    return conds, torch.cat(latents)
+
+
+def neighbourhood_weights(condition: torch.Tensor, cohort_conditions: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian weights ``exp(-d^2 / 2 sigma^2)`` over the cohort, ``d`` the normalised distance over the
+    conditions present in ``condition`` (a subject's missing value contributes nothing)."""
+    present = ~torch.isnan(condition)
+    diff = (cohort_conditions[:, present] - condition[present]).nan_to_num(0.0)
+    return torch.exp(-diff.pow(2).sum(1) / (2 * sigma**2)) + 1e-12
+
+
+class DecoderObjective:
+    """Loss of the deformation decoder for one condition (shared by training and the evaluation of held-out
+    neighbourhoods): centrality = mean over brain voxels of ||mean_n u_n||^2 (mm^2), with u_n the frozen
+    network's registration of the generated atlas to neighbour n; similarity = LNCC loss between the atlas and
+    the neighbours; smoothness = diffusion regulariser of the velocity."""
+
+    def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
+        self.cfg, self.cohort, self.device = cfg, cohort, device
+        self.registration = registration.to(device).eval()
+        for p in self.registration.parameters():
+            p.requires_grad_(False)
+        self.lncc, self.smooth, _ = registration_losses(cfg.registration.lncc_kernel)
+        self.mask = _brain_mask(cohort).to(device)
+        self.spacing = float(cohort.grid.spacing[0])
+
+    def atlas(self, velocity):
+        disp = fields.integrate_velocity(velocity)
+        return fields.warp_image(self.cohort.template_t1.to(self.device).expand(len(velocity), -1, -1, -1, -1), disp)
+
+    def neighbours(self, condition, gen) -> torch.Tensor:
+        w = neighbourhood_weights(condition, self.cohort.conditions, self.cfg.decoder.sigma)
+        return torch.multinomial(w, min(self.cfg.decoder.neighbours, len(w)), replacement=False, generator=gen)
+
+    def terms(self, velocity, atlas, neighbour_images) -> dict:
+        n = len(neighbour_images)
+        moving = atlas.expand(n, -1, -1, -1, -1)
+        disp = fields.integrate_velocity(self.registration(moving, neighbour_images).float())
+        mean_mm = disp.mean(0, keepdim=True) * self.spacing
+        centrality = (mean_mm.pow(2).sum(1, keepdim=True) * self.mask).sum() / self.mask.sum()
+        return {"centrality": centrality, "similarity": self.lncc(moving, neighbour_images),
+                "smoothness": self.smooth(velocity)}
+
+
+def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, ae: nn.Module,
+                  registration: nn.Module, bank: tuple, resume=False, **kw) -> DeformationDecoder:
+    dcfg = cfg.decoder
+    decoder = DeformationDecoder(cfg.architecture["autoencoder"], cohort.conditions.shape[1])
+    decoder.init_from_autoencoder(ae)
+    objective = DecoderObjective(cfg, cohort, registration, ctx.device)
+    bank_conds, bank_latents = bank
+    data = StepData(torch.utils.data.TensorDataset(bank_conds), dcfg.batch_size, ctx, cfg.seed + 4)
+
+    def loss_fn(m, step, micro):
+        idx = data.indices(step * dcfg.accumulate + micro)
+        cond = bank_conds[idx].to(ctx.device)
+        velocity = m(bank_latents[idx].to(ctx.device), cond).float()
+        atlas = objective.atlas(velocity)
+        total, logs = 0.0, {}
+        for b, i in enumerate(idx):
+            g = sample_generator(cfg.seed + 4, step * dcfg.accumulate + micro, i)
+            nb = cohort.images[objective.neighbours(bank_conds[i], g)].to(ctx.device)
+            t = objective.terms(velocity[b : b + 1], atlas[b : b + 1], nb)
+            loss = dcfg.sim_weight * t["similarity"] + dcfg.smooth_weight * t["smoothness"]
+            if dcfg.mp_loss:
+                loss = loss + dcfg.mp_weight * t["centrality"]
+            total = total + loss / len(idx)
+            for k, v in t.items():
+                logs[k] = logs.get(k, 0.0) + v.item() / len(idx)
+        return total, logs
+
+    return train("decoder", decoder, loss_fn, dcfg, ctx, out, resume, **kw)
