@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny bundle trained by the project's own pipeline (a few steps per stage, 8 mm grid)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """Run folder of a tiny end-to-end training on the synthetic cohort (about 10 s)."""
+    from diffdef_training.config import load_config
+    from diffdef_training.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    run_pipeline(load_config(TINY_CONFIG, {"output": str(out)}), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run) -> Path:
+    return tiny_run / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_bundle):
+    from diffdef.generate import AtlasGenerator
+
+    return AtlasGenerator(tiny_bundle, device="cpu")
