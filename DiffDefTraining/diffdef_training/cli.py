@@ -6,6 +6,9 @@ Examples:
   torchrun --nproc_per_node 4 -m diffdef_training.cli pipeline --config my.yaml  # 4 GPUs (DDP)
   diffdef-train plot runs/shipped                                              # loss curves -> PNG
   diffdef-train preprocess cohort.csv --conditions age,ventricle_volume --cache cache/
+  diffdef-train synthesize synth/ --subjects 100 --factor 2 --random-affine  # synthetic cohort -> NIfTI + manifest
+  diffdef-train cohort-stats --subjects 500                                    # check the synthetic law
+  diffdef-train cohort-figure docs/synthetic_cohort.png                        # subjects across the age range
 """
 from __future__ import annotations
 
@@ -57,8 +60,17 @@ def main(argv=None):
     s.add_argument("--output", help="PNG folder (default: the run folder)")
     s.set_defaults(fn=_plot)
     sub.add_parser("preprocess", help="validate and preprocess a real cohort manifest (see --help)", add_help=False)
+    synthetic = {"synthesize": "export", "cohort-stats": "stats", "cohort-figure": "figure"}
+    sub.add_parser("synthesize", help="export a synthetic cohort: NIfTI images, label maps, manifest (see --help)",
+                   add_help=False)
+    sub.add_parser("cohort-stats", help="check the synthetic law on N subjects (see --help)", add_help=False)
+    sub.add_parser("cohort-figure", help="PNG of synthetic subjects across the age range (see --help)", add_help=False)
     if argv and argv[0] == "preprocess":
         return _preprocess(None, argv[1:])
+    if argv and argv[0] in synthetic:
+        from .synthetic import main as synthetic_main
+
+        return synthetic_main([synthetic[argv[0]]] + list(argv[1:]))
     a = p.parse_args(argv)
     try:
         return a.fn(a)

@@ -20,7 +20,8 @@ every problem as ``row N (line L): ...`` (N = 1-based data row, L = line in the 
 :func:`preprocess_subject` runs, per subject, with SimpleITK:
 
 1. optional N4 bias-field correction (fitted on a shrunken copy, the bias field applied at full resolution);
-2. affine registration of the subject T1 (moving) to the template T1 (fixed): centred initialisation by image
+2. affine registration of the subject T1 (moving) to the template T1 (fixed) with the core's
+   :func:`diffdef.affine.register_affine` (shared with subject comparison): centred initialisation by image
    moments, Mattes mutual information, regular-step gradient descent with physical-shift scales, three levels
    (shrink 4/2/1, smoothing 2/1/0 mm) on copies of both images resampled to ``registration_spacing_mm``
    (3 mm by default: a 12-parameter affine needs no finer detail, and it keeps a subject to a few seconds on a
@@ -29,10 +30,11 @@ every problem as ``row N (line L): ...`` (N = 1-based data row, L = line in the 
    (T1 mean, labels majority vote) — the same reduction :meth:`Template.on_working_grid` applies to the template,
    so subject and template images are comparable voxel for voxel, and a 4 mm grid is not aliased by point
    sampling a 1 mm image;
-4. robust intensity normalisation: the percentiles ``(0.5, 99.5)`` of the aligned subject within the template
-   brain mask are mapped onto the *template's* percentiles within the same mask (0.25 and 0.92 for the MNI T1),
-   piecewise linearly with 0 kept at 0, clipped to [0, 1]. The subject then lives on the template's 0..1 intensity scale (background 0, CSF
-   dark but not black), which is what the autoencoder and the registration network compare it with;
+4. robust intensity normalisation (the core's :func:`diffdef.affine.normalise_to_template`): the percentiles
+   ``(0.5, 99.5)`` of the aligned subject within the template brain mask are mapped onto the *template's*
+   percentiles within the same mask (0.25 and 0.92 for the MNI T1), piecewise linearly with 0 kept at 0, clipped
+   to [0, 1]. The subject then lives on the template's 0..1 intensity scale (background 0, CSF dark but not
+   black), which is what the autoencoder and the registration network compare it with;
    ``match_template=False`` maps the percentiles onto 0 and 1 instead.
 
 It returns the arrays on the working grid (and, with ``keep_fine``, on the 1 mm crop) plus the fitted
@@ -52,7 +54,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -70,6 +71,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffdef.affine import (AffineOptions, brain_mask, normalise_intensity, normalise_to_template,  # noqa: F401
+                            register_affine, resample_to_spacing)
 from diffdef.geometry import Grid, from_sitk, to_sitk
 from diffdef.io import atomic_path, read_image, write_image
 from diffdef.template import CROP_SIZE, CROP_START, DEFAULT_FACTOR, NUM_LABELS, TEMPLATE_ID, Template, load_template
@@ -340,24 +343,6 @@ def _read_sitk(path: Path, pixel_type=None):
     return to_sitk(array, grid)
 
 
-def _resample_to_spacing(image, spacing_mm: float):
-    """Smooth (anti-alias) and resample an image to an isotropic spacing, same extent and orientation."""
-    sitk = _sitk()
-    old = np.asarray(image.GetSpacing())
-    if np.all(np.abs(old - spacing_mm) < 1e-3):
-        return image
-    sigma = np.sqrt(np.maximum((spacing_mm / 2.0) ** 2 - (old / 2.0) ** 2, 0.0))
-    if np.any(sigma > 0):
-        image = sitk.SmoothingRecursiveGaussian(image, [float(s) if s > 0 else 1e-3 for s in sigma])
-    size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), old)]
-    # keep the physical centre of the first voxel's block: origin of the block corner + half the new voxel
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    corner = np.asarray(image.GetOrigin()) - direction @ (old / 2.0)
-    origin = corner + direction @ (np.full(3, spacing_mm) / 2.0)
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing_mm] * 3,
-                         image.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
 _FIXED_CACHE: dict = {}
 
 
@@ -365,7 +350,7 @@ def _fixed_image(template: Template, spacing_mm: float):
     key = (id(template), float(spacing_mm))
     if key not in _FIXED_CACHE:
         _FIXED_CACHE.clear()
-        _FIXED_CACHE[key] = _resample_to_spacing(to_sitk(template.t1.astype(np.float32), template.grid), spacing_mm)
+        _FIXED_CACHE[key] = resample_to_spacing(to_sitk(template.t1.astype(np.float32), template.grid), spacing_mm)
     return _FIXED_CACHE[key]
 
 
@@ -384,36 +369,6 @@ def n4_correct(image, shrink: int = 4, iterations: Sequence[int] = (30, 30, 20))
     return sitk.Cast(image / sitk.Exp(log_bias), sitk.sitkFloat32)
 
 
-def register_affine(fixed, moving, options: PreprocessOptions):
-    """Affine registration of ``moving`` to ``fixed`` (both SimpleITK images). Returns (transform, info)."""
-    sitk = _sitk()
-    fixed_r = _resample_to_spacing(sitk.Cast(fixed, sitk.sitkFloat32), options.registration_spacing_mm)
-    moving_r = _resample_to_spacing(sitk.Cast(moving, sitk.sitkFloat32), options.registration_spacing_mm)
-    initial = sitk.CenteredTransformInitializer(fixed_r, moving_r, sitk.AffineTransform(3),
-                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=options.histogram_bins)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(options.sampling_percentage, options.seed)
-    # the template is skull-stripped: sample the metric only where it has brain (avoid the empty background)
-    reg.SetMetricFixedMask(sitk.BinaryDilate(sitk.Cast(fixed_r > 0.02, sitk.sitkUInt8), [2] * 3))
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=options.learning_rate, minStep=1e-3,
-                                                 numberOfIterations=options.iterations,
-                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(list(options.shrink_factors))
-    reg.SetSmoothingSigmasPerLevel(list(options.smoothing_sigmas_mm))
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(initial, inPlace=False)
-    start = time.perf_counter()
-    out = reg.Execute(fixed_r, moving_r)
-    transform = sitk.AffineTransform(out.GetNthTransform(0) if out.GetName() == "CompositeTransform" else out)
-    info = {"metric": float(reg.GetMetricValue()), "iterations_last_level": int(reg.GetOptimizerIteration()),
-            "stop": reg.GetOptimizerStopConditionDescription(), "registration_s": time.perf_counter() - start}
-    return transform, info
-
-
 def _block_mean(array: np.ndarray, factor: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     return F.avg_pool3d(t, factor)[0, 0].numpy()
@@ -425,41 +380,6 @@ def _block_majority(labels: np.ndarray, factor: int) -> np.ndarray:
     lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     onehot = F.one_hot(lab.clamp(0, NUM_LABELS - 1), NUM_LABELS).permute(3, 0, 1, 2)[None].float()
     return F.avg_pool3d(onehot, factor)[0].argmax(0).numpy().astype(np.uint8)
-
-
-def brain_mask(template: Template) -> np.ndarray:
-    """Template brain (labels > 0) on the 1 mm crop: where intensities are normalised."""
-    sl = tuple(slice(s, s + n) for s, n in zip(CROP_START, CROP_SIZE))
-    return template.labels[sl] > 0
-
-
-def normalise_intensity(image: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5),
-                        target=(0.0, 1.0)) -> tuple[np.ndarray, dict]:
-    """Map the ``percentiles`` (lo, hi) of ``image`` within ``mask`` onto ``target`` (t_lo, t_hi), clip to [0, 1].
-
-    Piecewise linear with the landmarks 0 -> 0, lo -> t_lo, hi -> t_hi (the upper segment extended beyond hi), so
-    the background of a skull-stripped image stays exactly 0. If lo <= 0 (an image with an offset), one straight
-    line through (lo, t_lo) and (hi, t_hi) is used."""
-    values = image[mask]
-    if values.size == 0:
-        raise ValueError("The brain mask is empty after resampling; the registration failed.")
-    lo, hi = (float(v) for v in np.percentile(values, percentiles))
-    if not hi > lo:
-        raise ValueError(f"The image is constant within the brain ({lo:.4g}); is it empty or mis-registered?")
-    t_lo, t_hi = target
-    out = t_lo + (image - lo) * ((t_hi - t_lo) / (hi - lo))
-    if lo > 0:
-        below = image < lo
-        out[below] = image[below] * (t_lo / lo)
-    out = np.clip(out, 0.0, 1.0).astype(np.float32)
-    return out, {"intensity_low": lo, "intensity_high": hi}
-
-
-@functools.lru_cache(maxsize=4)
-def _template_percentiles(template: Template, percentiles: tuple[float, float]) -> tuple[float, float]:
-    sl = tuple(slice(s, s + n) for s, n in zip(CROP_START, CROP_SIZE))
-    lo, hi = np.percentile(template.t1[sl][brain_mask(template)], percentiles)
-    return float(lo), float(hi)
 
 
 def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions | None = None,
@@ -478,7 +398,8 @@ def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions 
         moving = n4_correct(moving, options.n4_shrink, options.n4_iterations)
     # the fixed image is resampled to the registration spacing once per process (register_affine then keeps it)
     try:
-        transform, info = register_affine(_fixed_image(template, options.registration_spacing_mm), moving, options)
+        transform, info = register_affine(_fixed_image(template, options.registration_spacing_mm), moving,
+                                          AffineOptions.from_object(options))
     except RuntimeError as exc:
         raise RuntimeError(f"Affine registration of {image_path} to the template failed: "
                            f"{str(exc).strip().splitlines()[-1]}") from exc
@@ -486,9 +407,7 @@ def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions 
     fine_grid = working.fine
     reference = to_sitk(np.zeros(fine_grid.shape, np.uint8), fine_grid)
     fine_image, _ = from_sitk(sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    target = _template_percentiles(template, tuple(options.percentiles)) if options.match_template else (0.0, 1.0)
-    fine_image, norm = normalise_intensity(fine_image.astype(np.float32), brain_mask(template), options.percentiles,
-                                           target)
+    fine_image, norm = normalise_to_template(fine_image, template, options.percentiles, options.match_template)
     info.update(norm)
     fine_labels = None
     if labels_path is not None:
