@@ -38,7 +38,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     cfg = load_config(a.config, {"cohort": {"size": a.subjects}})
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
-    ctx = RunContext(0, 1, device, cfg.seed)
+    ctx = RunContext(0, 1, device, cfg.seed, cfg.amp)
     cohort, raw = load_cohort(cfg, progress=False)
     spec = condition_spec(cfg, raw)
     cohort.conditions = spec.normalise_tensor(cohort.conditions)

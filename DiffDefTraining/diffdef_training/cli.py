@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,13 +23,21 @@ def _pipeline(a):
 
     overrides = {"output": a.output} if a.output else {}
     cfg = load_config(a.config, overrides)
-    only = tuple(a.stages.split(",")) if a.stages else STAGES
+    only = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else STAGES
     bad = [s for s in only if s not in STAGES]
-    if bad:
-        raise SystemExit(f"Unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}.")
-    path = run_pipeline(cfg, resume=a.resume, progress=not a.no_progress, only=only)
+    if bad or not only:
+        raise SystemExit(f"Unknown stage {(bad or [a.stages])[0]!r}; stages: {', '.join(STAGES)}.")
+    import torch.distributed as dist
+
+    try:
+        path = run_pipeline(cfg, resume=a.resume, progress=not a.no_progress, only=only)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if path:
         print(f"bundle written to {path}")
+    elif "decoder" not in only and int(os.environ.get("RANK", "0")) == 0:
+        print(f"stages {', '.join(only)} done in {cfg.output} (no bundle: the decoder was not among them)")
 
 
 def _plot(a):

@@ -22,29 +22,29 @@ class ConfigError(ValueError):
 @dataclass
 class CohortConfig:
     source: str = "synthetic"  # "synthetic" or a manifest CSV path (real cohort, preprocessed on first use)
-    conditions: list = field(default_factory=lambda: ["age", "ventricle_volume"])
+    conditions: list = field(default_factory=lambda: ["age", "ventricle_volume"])  # condition names (manifest columns; synthetic: a subset of age, ventricle_volume)
     size: int = 400  # synthetic: training subjects
     held_out: int = 60  # synthetic: held-out subjects (indices after the training ones)
-    seed: int = 0
+    seed: int = 0  # synthetic: cohort seed
     factor: int = 4  # working grid = 1 mm crop downsampled by this factor
     cache: str = ""  # real cohort: preprocessing cache folder (default <output>/cohort_cache)
 
 
 @dataclass
 class StageConfig:
-    steps: int = 100
+    steps: int = 100  # optimizer steps
     batch_size: int = 4  # global batch (split across ranks)
-    lr: float = 1e-3
-    warmup: int = 20
+    lr: float = 1e-3  # peak learning rate (AdamW; linear warm-up, then cosine down to 0.1 x)
+    warmup: int = 20  # warm-up steps
     accumulate: int = 1  # gradient accumulation (micro-batches per step)
     ema: float = 0.0  # EMA decay of the weights (0: off)
-    checkpoint_every: int = 50
-    log_every: int = 10
+    checkpoint_every: int = 50  # steps between checkpoints (checkpoints/latest.pt)
+    log_every: int = 10  # steps between rows of log.csv / TensorBoard points
 
 
 @dataclass
 class AutoencoderConfig(StageConfig):
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6  # weight of the KL term (L1 + kl_weight * KL)
 
 
 @dataclass
@@ -55,9 +55,9 @@ class DiffusionConfig(StageConfig):
 
 @dataclass
 class RegistrationConfig(StageConfig):
-    lncc_kernel: int = 5
-    smooth_weight: float = 1.0
-    dice_weight: float = 0.5
+    lncc_kernel: int = 5  # local NCC window (voxels)
+    smooth_weight: float = 1.0  # diffusion regulariser weight on the velocity
+    dice_weight: float = 0.5  # Dice term weight (when labels exist)
     template_moving: float = 0.5  # probability that the moving image is the template
 
 
@@ -66,25 +66,25 @@ class DecoderConfig(StageConfig):
     neighbours: int = 10  # N: neighbourhood size
     sigma: float = 0.3  # Gaussian width on the normalised condition distance
     mp_loss: bool = True  # morphology-preservation (centrality) term; False = ablation
-    mp_weight: float = 1.0
-    sim_weight: float = 1.0
-    smooth_weight: float = 0.5
+    mp_weight: float = 1.0  # weight of the centrality term
+    sim_weight: float = 1.0  # weight of the LNCC similarity to the neighbours
+    smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
-    condition_dropout: float = 0.15
+    condition_dropout: float = 0.15  # per condition, for the latent bank
 
 
 @dataclass
 class SamplingConfig:
-    steps: int = 20
-    guidance: float = 1.5
-    integration_steps: int = 7
+    steps: int = 20  # DDIM steps
+    guidance: float = 1.5  # classifier-free guidance scale
+    integration_steps: int = 7  # scaling-and-squaring steps
 
 
 @dataclass
 class TrainConfig:
-    output: str = "runs/default"
-    seed: int = 0
-    device: str = "auto"
+    output: str = "runs/default"  # run folder (stage folders, checkpoints, logs, bundle/)
+    seed: int = 0  # run seed (weights init, data order, per-sample draws)
+    device: str = "auto"  # auto (GPU when available), cpu or cuda
     amp: bool = True  # mixed precision (bf16) on GPU; ignored on CPU
     threads: int = 0  # torch CPU threads (0: torch's default)
     cohort: CohortConfig = field(default_factory=CohortConfig)
@@ -105,6 +105,36 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def schema_table() -> str:
+    """The config schema as a Markdown table (key, type, default, meaning from the fields' comments)."""
+    import inspect
+    import re
+
+    def note(cls, name):
+        for c in cls.__mro__:
+            if dataclasses.is_dataclass(c):
+                m = re.search(rf"^    {name}: [^\n]*?#\s*(.*)$", inspect.getsource(c), re.M)
+                if m:
+                    return m.group(1).strip()
+        return ""
+
+    def row(key, cls, f, value):
+        typ = typing.get_type_hints(cls)[f.name]
+        return f"| `{key}` | {getattr(typ, '__name__', typ)} | `{json.dumps(value)}` | {note(cls, f.name)} |"
+
+    cfg, lines = TrainConfig(), ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += [row(f"{f.name}.{g.name}", type(value), g, getattr(value, g.name)) for g in dataclasses.fields(value)]
+        elif f.name == "architecture":
+            lines.append(f"| `architecture.<part>.<arg>` | mapping | `diffdef.networks.DEFAULT_ARCH` | network arguments "
+                         f"merged onto the defaults; parts: {', '.join(f'`{k}`' for k in value)} |")
+        else:
+            lines.append(row(f.name, TrainConfig, f, value))
+    return "\n".join(lines)
 
 
 def _check(value, typ, path: str):
@@ -171,6 +201,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("decoder.neighbours must be >= 1 and decoder.sigma > 0.")
     if cfg.cohort.factor not in (2, 4, 8):
         raise ConfigError(f"cohort.factor must be 2, 4 or 8 (the 1 mm crop 160x192x160 divides), got {cfg.cohort.factor}.")
+    conds = cfg.cohort.conditions
+    if not conds or not all(isinstance(c, str) and c for c in conds) or len(set(conds)) != len(conds):
+        raise ConfigError(f"cohort.conditions must be a non-empty list of distinct names, got {conds!r}.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
     return cfg

@@ -35,6 +35,7 @@ class RunContext:
     world: int
     device: torch.device
     seed: int
+    amp: bool = True  # bf16 autocast when on a GPU (the config's ``amp``)
 
     @property
     def is_main(self) -> bool:
@@ -96,6 +97,45 @@ def _lr_lambda(cfg: StageConfig):
     return f
 
 
+def check_checkpoint(path: Path, name: str, model: nn.Module, cfg: StageConfig, device="cpu") -> dict:
+    """Load a stage checkpoint and check that it fits ``model`` and ``cfg``; returns its state or raises
+    :class:`CheckpointError` (also for a file that is not a readable checkpoint)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable {name} checkpoint ({type(exc).__name__}: {exc}). "
+                              "Use another output folder or start without --resume.") from exc
+    keys = ("model", "optimizer", "scheduler", "ema", "rng", "step", "config")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path} is not a {name} checkpoint of this trainer (no {missing[0]!r} entry).")
+    own = model.state_dict()
+    bad = [k for k, v in state["model"].items() if k not in own or own[k].shape != v.shape]
+    if bad or set(own) != set(state["model"]):
+        raise CheckpointError(f"{path} does not fit the {name} network of this configuration "
+                              f"(first mismatch: {(bad or sorted(set(own) ^ set(state['model'])))[0]}). "
+                              "Use another output folder or start without --resume.")
+    if state["config"] != repr(cfg):
+        raise CheckpointError(f"{path} was written with another {name} configuration "
+                              f"({state['config']}); resume needs the same settings ({cfg!r}).")
+    return state
+
+
+def _trim_log(log_file: Path, start: int) -> None:
+    """Drop the rows of steps after ``start`` (all of them for a fresh start): a resumed run logs them again."""
+    if not log_file.exists():
+        return
+    if start == 0:
+        log_file.unlink()
+        return
+    with open(log_file, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= start]
+    if len(keep) != len(rows):
+        with atomic_path(log_file, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+
 def _save(path: Path, state: dict) -> None:
     with atomic_path(path, overwrite=True) as tmp:
         torch.save(state, tmp)
@@ -119,16 +159,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
     start = 0
     latest = ckpt_dir / "latest.pt"
     if resume and latest.exists():
-        state = torch.load(latest, map_location=ctx.device, weights_only=True)
-        own = model.state_dict()
-        bad = [k for k, v in state["model"].items() if k not in own or own[k].shape != v.shape]
-        if bad or set(own) != set(state["model"]):
-            raise CheckpointError(f"{latest} does not fit the {name} network of this configuration "
-                                  f"(first mismatch: {(bad or sorted(set(own) ^ set(state['model'])))[0]}). "
-                                  "Use another output folder or start without --resume.")
-        if state["config"] != repr(cfg):
-            raise CheckpointError(f"{latest} was written with another {name} configuration "
-                                  f"({state['config']}); resume needs the same settings.")
+        state = check_checkpoint(latest, name, model, cfg, ctx.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -139,6 +170,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
     log_file = out_dir / "log.csv"
     writer = None
     if ctx.is_main:
+        _trim_log(log_file, start)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -150,7 +182,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
-    use_amp = ctx.device.type == "cuda"
+    use_amp = ctx.device.type == "cuda" and ctx.amp
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     model.train()
     for step in range(start, end):

@@ -21,14 +21,18 @@ from diffdef.template import NUM_LABELS, load_template
 
 from . import stages
 from .config import TrainConfig
-from .engine import RunContext, init_distributed
+from .engine import RunContext, check_checkpoint, init_distributed
 
 STAGES = ("autoencoder", "diffusion", "registration", "decoder")
+SYNTHETIC_CONDITIONS = ("age", "ventricle_volume")  # the columns of SyntheticCohort's condition vectors
 UNITS = {"age": "years", "ventricle_volume": "ml"}
 # which config sections each stage's result depends on
 _DEPENDS = {"autoencoder": ("cohort", "seed", "autoencoder"), "diffusion": ("cohort", "seed", "autoencoder", "diffusion"),
             "registration": ("cohort", "seed", "registration"),
             "decoder": ("cohort", "seed", "autoencoder", "diffusion", "registration", "decoder", "sampling")}
+# which stages' trained networks each stage reads
+_REQUIRES = {"autoencoder": (), "diffusion": ("autoencoder",), "registration": (),
+             "decoder": ("autoencoder", "diffusion", "registration")}
 
 
 def load_cohort(cfg: TrainConfig, split: str = "train", progress: bool = True) -> tuple[stages.CohortTensors, np.ndarray]:
@@ -44,6 +48,8 @@ def load_cohort(cfg: TrainConfig, split: str = "train", progress: bool = True) -
         from tqdm import tqdm
 
         items = [ds[i] for i in tqdm(range(len(ds)), desc=f"synthesising {split} cohort", disable=not progress)]
+        cols = [SYNTHETIC_CONDITIONS.index(c) for c in cfg.cohort.conditions]  # the configured ones, in order
+        items = [{**it, "conditions": it["conditions"][cols]} for it in items]
     else:
         from .cohort import PreprocessOptions, preprocess_cohort
 
@@ -106,33 +112,93 @@ def _last_losses(stage_dir: Path) -> dict:
     return {k: float(v) for k, v in rows[-1].items()} if rows else {}
 
 
+def stages_needed(only) -> tuple:
+    """The stages a run of ``only`` touches: those listed plus the ones their training reads, in order."""
+    needed = set(only)
+    for s in only:
+        needed |= set(_REQUIRES[s])
+    return tuple(s for s in STAGES if s in needed)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Checks that need no training: a real cohort's manifest header and rows against ``cohort.conditions``
+    (raises :class:`diffdef_training.cohort.ManifestError`, a ValueError, listing every problem)."""
+    if cfg.cohort.source == "synthetic":
+        unknown = [c for c in cfg.cohort.conditions if c not in SYNTHETIC_CONDITIONS]
+        if unknown or not cfg.cohort.conditions:
+            raise ValueError(f"cohort.conditions {cfg.cohort.conditions} do not fit the synthetic cohort, whose "
+                             f"conditions are {list(SYNTHETIC_CONDITIONS)} (a non-empty subset of them).")
+    else:
+        from .cohort import read_manifest
+
+        read_manifest(cfg.cohort.source, cfg.cohort.conditions)
+
+
+def check_resumable(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
+    """Before any training: every stage in ``names`` that will resume must have a checkpoint that fits its
+    network and settings (raises :class:`diffdef_training.engine.CheckpointError`)."""
+    for name in names:
+        latest = out / name / "checkpoints" / "latest.pt"
+        if latest.exists():
+            with torch.random.fork_rng(devices=[]):  # building a network must not move the run's random stream
+                check_checkpoint(latest, name, builders[name](), cfg.stage(name))
+
+
 def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, only: tuple = STAGES,
                  ctx: RunContext | None = None) -> Path | None:
-    """Train every stage (skipping current ones) and export ``<output>/bundle``. Returns the bundle path
-    (rank 0) or None (other ranks)."""
+    """Train every stage in ``only`` (skipping current ones; the stages they read must be current or listed)
+    and, when the decoder is among them, export ``<output>/bundle``. Returns the bundle path (rank 0 of a run
+    that exports) or None (other ranks, or a run of a subset that stops after its last stage)."""
+    bad = [s for s in only if s not in STAGES]
+    if bad:
+        raise ValueError(f"Unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}.")
+    needed = stages_needed(only)
+    check_inputs(cfg)
     ctx = ctx or init_distributed(cfg.device)
-    ctx.seed = cfg.seed
+    ctx.seed, ctx.amp = cfg.seed, cfg.amp
+    for s in only:
+        if cfg.stage(s).batch_size % ctx.world:
+            raise ValueError(f"{s}.batch_size {cfg.stage(s).batch_size} is the global batch and must divide by the "
+                             f"{ctx.world} processes.")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    arch = cfg.architecture
+    timings = {}
+    k = len(cfg.cohort.conditions)
+    builders = {"autoencoder": lambda: stages.build_autoencoder(arch["autoencoder"]),
+                "diffusion": lambda: stages.ConditionalDiffusion(arch, k),
+                "registration": lambda: stages.RegistrationNet(**arch["registration"]),
+                "decoder": lambda: stages.DeformationDecoder(arch["autoencoder"], k)}
+
+    def current(name):
+        d = out / name
+        marker, weights = d / "done.json", d / f"{name}.safetensors"
+        key = cfg.hash("architecture", *_DEPENDS[name])
+        return marker.exists() and json.loads(marker.read_text()).get("hash") == key and weights.exists()
+
+    # everything that can be refused is refused here, before the cohort is loaded and any step is taken
+    stale = [s for s in needed if s not in only and not current(s)]
+    if stale:
+        raise ValueError(f"Stage {stale[0]} is not current in {out}; run it first (or list it in --stages).")
+    if resume:
+        check_resumable(cfg, out, builders, [s for s in only if not current(s)])
     cohort, raw = load_cohort(cfg, progress=progress and ctx.is_main)
     spec = condition_spec(cfg, raw)
     cohort.conditions = spec.normalise_tensor(cohort.conditions)
     cohort.spec = spec
-    arch = cfg.architecture
-    timings = {}
 
-    def stage(name, build, train_fn):
+    def stage(name, train_fn):
         d = out / name
         marker, weights = d / "done.json", d / f"{name}.safetensors"
         key = cfg.hash("architecture", *_DEPENDS[name])
-        if marker.exists() and json.loads(marker.read_text()).get("hash") == key and weights.exists():
-            return _load_state(weights, build())
-        if name not in only:
-            raise RuntimeError(f"Stage {name} is not current in {out}; run it first.")
+        if current(name):
+            return _load_state(weights, builders[name]())
+        # each stage starts from its own seed: its initial weights do not depend on which stages ran before
+        torch.manual_seed(cfg.seed * 1009 + STAGES.index(name))
         t = time.time()
         net = train_fn(d)
         timings[name] = time.time() - t
@@ -142,20 +208,36 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
                 tmp.write_text(json.dumps({"hash": key, "seconds": timings[name], "losses": _last_losses(d)}))
         return net
 
-    ae = stage("autoencoder", lambda: stages.build_autoencoder(arch["autoencoder"]),
-               lambda d: stages.train_autoencoder(cfg, ctx, cohort, d, resume, progress=progress))
-    latents = stages.encode_latents(ae, cohort.images, ctx.device)
-    scale = float(1.0 / latents.std())
-    diffusion = stage("diffusion", lambda: stages.ConditionalDiffusion(arch, len(spec)),
-                      lambda d: stages.train_diffusion(cfg, ctx, cohort, d, latents * scale, resume, progress=progress))
-    registration = stage("registration", lambda: stages.RegistrationNet(**arch["registration"]),
-                         lambda d: stages.train_registration(cfg, ctx, cohort, d, resume, progress=progress))
+    def finished(name):  # a subset run ends after its last stage, without export
+        if name == needed[-1] and name != "decoder":
+            if ctx.world > 1:
+                torch.distributed.barrier()
+            return True
+        return False
+
+    ae = diffusion = registration = latents = None
+    if "autoencoder" in needed:
+        ae = stage("autoencoder", lambda d: stages.train_autoencoder(cfg, ctx, cohort, d, resume, progress=progress))
+        if finished("autoencoder"):
+            return None
+    if "diffusion" in needed:
+        latents = stages.encode_latents(ae, cohort.images, ctx.device)
+        scale = float(1.0 / latents.std())
+        diffusion = stage("diffusion", lambda d: stages.train_diffusion(cfg, ctx, cohort, d, latents * scale, resume,
+                                                                        progress=progress))
+        if finished("diffusion"):
+            return None
+    if "registration" in needed:
+        registration = stage("registration",
+                             lambda d: stages.train_registration(cfg, ctx, cohort, d, resume, progress=progress))
+        if finished("registration"):
+            return None
 
     def train_dec(d):
         bank = stages.latent_bank(cfg, cohort, diffusion, tuple(latents.shape[1:]), ctx.device, progress and ctx.is_main)
         return stages.train_decoder(cfg, ctx, cohort, d, ae, registration, bank, resume, progress=progress)
 
-    decoder = stage("decoder", lambda: stages.DeformationDecoder(arch["autoencoder"], len(spec)), train_dec)
+    decoder = stage("decoder", train_dec)
     if not ctx.is_main:
         return None
     template = load_template()

@@ -44,15 +44,26 @@ def train_autoencoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, 
     data = StepData(cohort, scfg.batch_size, ctx, cfg.seed)
     images = cohort.images
 
+    gens = []
+
+    def sampling(z_mu, z_sigma):  # the reparameterisation noise from per-sample generators, not the global RNG:
+        eps = torch.stack([torch.randn(z_sigma.shape[1:], generator=g) for g in gens])  # same draws for any split
+        return z_mu + eps.to(z_sigma) * z_sigma
+
     def loss_fn(model, step, micro):
         idx = data.indices(step * scfg.accumulate + micro)
+        gens[:] = [sample_generator(cfg.seed + 5, step * scfg.accumulate + micro, i) for i in idx]
         x = images[idx].to(ctx.device)
         recon, mu, sigma = model(x)
         l1 = F.l1_loss(recon.float(), x)
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4)).mean()
         return l1 + scfg.kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
 
-    return train("autoencoder", ae, loss_fn, scfg, ctx, out, resume, **kw)
+    ae.sampling = sampling  # an instance attribute: not part of the state dict
+    try:
+        return train("autoencoder", ae, loss_fn, scfg, ctx, out, resume, **kw)
+    finally:
+        del ae.sampling
 
 
 @torch.no_grad()

@@ -1,0 +1,276 @@
+"""The training package (issue 5's Must-show list): a tiny end-to-end run that the core loads and generates from,
+DDP (torchrun, gloo) equal to one process, exact resume, clear errors on bad input before any training, loss
+plots, and the morphology-preservation loss switch."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdef_training import stages
+from diffdef_training.config import ConfigError, load_config
+from diffdef_training.engine import CheckpointError, RunContext
+from diffdef_training.pipeline import load_cohort, run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+# the smallest useful networks; 4 norm groups (2 channels each): with one channel per group the conv biases before a
+# GroupNorm have an exactly-zero gradient, and Adam turns its float noise into +-lr steps (no two summation orders
+# agree there)
+SMALL_AE = {"channels": [8, 16], "num_res_blocks": [1, 1], "attention_levels": [False, False], "norm_num_groups": 4}
+SMALL = {
+    "cohort": {"size": 8, "held_out": 2, "factor": 8},
+    "autoencoder": {"steps": 3, "batch_size": 4, "warmup": 1, "checkpoint_every": 2, "log_every": 1},
+    "registration": {"steps": 4, "batch_size": 2, "warmup": 1, "checkpoint_every": 2, "log_every": 1},
+    "architecture": {"autoencoder": SMALL_AE, "registration": {"channels": [8, 16, 16, 16]}},
+}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# -- 1. tiny end to end ---------------------------------------------------------------------------------------------
+def test_tiny_bundle_loads_and_generates_without_folding(tiny_run, tiny_generator):
+    from diffdef.bundle import load_bundle
+
+    bundle = load_bundle(tiny_run / "bundle")
+    assert list(bundle.spec.names) == ["age", "ventricle_volume"]
+    assert set(bundle.nets) >= {"diffusion", "condition_embedding", "decoder", "registration"}
+    for conditions in ({"age": 70, "ventricle_volume": 30}, {"age": 70}):
+        atlas = tiny_generator.generate(conditions, seed=0)
+        assert atlas.folding_ratio == 0.0
+        assert atlas.t1.shape == atlas.labels.shape and atlas.t1.ndim == 3
+        assert torch.isfinite(torch.as_tensor(atlas.displacement_mm)).all()
+    assert atlas.conditions["ventricle_volume"] is None
+
+    prov = json.loads((tiny_run / "bundle" / "model.json").read_text())["provenance"]
+    assert prov["cohort_size"] == 24
+    assert prov["steps"] == {"autoencoder": 4, "diffusion": 4, "registration": 4, "decoder": 3}
+    assert set(prov["final_losses"]) == {"autoencoder", "diffusion", "registration", "decoder"}
+    assert "l1" in prov["final_losses"]["autoencoder"] and "centrality" in prov["final_losses"]["decoder"]
+    assert prov["morphology_preservation_loss"] is True
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"]), prov["git_commit"]
+
+
+# -- 2. torchrun (gloo, 2 processes) == one process -----------------------------------------------------------------
+def test_ddp_two_processes_match_one_process(tmp_path):
+    cfg = _write(tmp_path / "ddp.json", SMALL)
+    cmd = [sys.executable, "-m", "diffdef_training.cli", "pipeline", "--config", str(cfg), "--stages", "autoencoder",
+           "--no-progress"]
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            *cmd[1:], "--output", str(tmp_path / "ddp")], env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    single = subprocess.run([*cmd, "--output", str(tmp_path / "single")], env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    ddp_out = ddp.communicate(timeout=300)[0]
+    assert single.returncode == 0, single.stdout + single.stderr
+    assert ddp.returncode == 0, ddp_out
+    assert "no bundle" in single.stdout  # a subset of stages ends cleanly after its last stage
+    for run in ("single", "ddp"):
+        assert not (tmp_path / run / "diffusion").exists() and not (tmp_path / run / "bundle").exists()
+    a = _weights(tmp_path / "single" / "autoencoder" / "autoencoder.safetensors")
+    b = _weights(tmp_path / "ddp" / "autoencoder" / "autoencoder.safetensors")
+    assert _max_diff(a, b) < 1e-5
+    # rank 0 alone logs: one row per step
+    rows = list(csv.DictReader(open(tmp_path / "ddp" / "autoencoder" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert torch.load(tmp_path / "ddp" / "autoencoder" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+
+
+# -- 3. resume ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_cohort():
+    cfg = load_config(None, SMALL)
+    cohort, raw = load_cohort(cfg, progress=False)
+    from diffdef_training.pipeline import condition_spec
+
+    spec = condition_spec(cfg, raw)
+    cohort.conditions, cohort.spec = spec.normalise_tensor(cohort.conditions), spec
+    return cohort
+
+
+def _train(name, cfg, cohort, out, seed, **kw):
+    torch.manual_seed(seed)  # a resumed run must not depend on the fresh network's initialisation
+    ctx = RunContext(0, 1, torch.device("cpu"), cfg.seed)
+    fn = {"autoencoder": stages.train_autoencoder, "registration": stages.train_registration}[name]
+    return fn(cfg, ctx, cohort, out, progress=False, **kw)
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "registration"])
+def test_resume_equals_uninterrupted(name, small_cohort, tmp_path):
+    k = 2
+    cfg = load_config(None, {**SMALL, name: {**SMALL[name], "steps": 2 * k, "ema": 0.9, "checkpoint_every": 1}})
+    full = _train(name, cfg, small_cohort, tmp_path / "full", seed=0)
+    part = _train(name, cfg, small_cohort, tmp_path / "part", seed=0, stop_after=k)
+    assert torch.load(tmp_path / "part" / "checkpoints" / "latest.pt", weights_only=True)["step"] == k
+    resumed = _train(name, cfg, small_cohort, tmp_path / "part", seed=99, resume=True)
+    assert part is not resumed
+    a, b = full.state_dict(), resumed.state_dict()
+    assert _max_diff(a, b) <= 1e-6
+    # the whole training state agrees too: raw weights, EMA, optimizer moments, scheduler, step
+    sa = torch.load(tmp_path / "full" / "checkpoints" / "latest.pt", weights_only=True)
+    sb = torch.load(tmp_path / "part" / "checkpoints" / "latest.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 2 * k
+    assert _max_diff(sa["model"], sb["model"]) <= 1e-6
+    assert _max_diff(sa["ema"], sb["ema"]) <= 1e-6
+    assert sa["scheduler"] == sb["scheduler"]
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert _max_diff(pa, pb) <= 1e-6
+    # the log continues where it stopped: one row per step, none repeated
+    rows = list(csv.DictReader(open(tmp_path / "part" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * k + 1))
+
+
+# -- 4. bad input: clear errors before any training -----------------------------------------------------------------
+def _cli(*args):
+    from diffdef_training.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return str(exc.value)
+
+
+def test_config_unknown_key_and_wrong_type(tmp_path):
+    out = tmp_path / "run"
+    bad_key = _write(tmp_path / "k.json", {"output": str(out), "autoencoder": {"stpes": 3}})
+    with pytest.raises(ConfigError, match=r"autoencoder\.stpes"):
+        load_config(bad_key)
+    assert "Unknown key autoencoder.stpes" in _cli("pipeline", "--config", str(bad_key))
+    bad_type = tmp_path / "t.yaml"
+    bad_type.write_text(f"output: {out}\ndecoder: {{steps: ten}}\n")
+    with pytest.raises(ConfigError, match=r"decoder\.steps must be int, got 'ten'"):
+        load_config(bad_type)
+    assert "decoder.steps" in _cli("pipeline", "--config", str(bad_type))
+    with pytest.raises(ConfigError, match=r"decoder\.mp_loss must be bool"):
+        load_config(None, {"decoder": {"mp_loss": "no"}})
+    with pytest.raises(ConfigError, match="Unknown key architecture.unet"):
+        load_config(None, {"architecture": {"unet": {}}})
+    with pytest.raises(ConfigError, match="cohort.conditions"):
+        load_config(None, {"cohort": {"conditions": ["age", "age"]}})
+    assert not out.exists()
+
+
+def test_manifest_conditions_must_match_config(tmp_path):
+    from diffdef_training.cohort import ManifestError
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("image,age,sex\nsub1.nii.gz,70,1\n")
+    cfg = load_config(None, {**SMALL, "output": str(tmp_path / "run"),
+                             "cohort": {"source": str(manifest), "conditions": ["age", "ventricle_volume"]}})
+    with pytest.raises(ManifestError) as exc:
+        run_pipeline(cfg, progress=False)
+    msg = str(exc.value)
+    assert "unknown column 'sex'" in msg and "missing required column 'ventricle_volume'" in msg
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+    assert "ventricle_volume" in _cli("pipeline", "--output", str(tmp_path / "run"), "--config",
+                                      str(_write(tmp_path / "c.json", {**SMALL, "cohort": cfg.to_dict()["cohort"]})))
+    # the synthetic cohort only knows age and ventricle volume
+    cfg = load_config(None, {**SMALL, "output": str(tmp_path / "run"), "cohort": {"conditions": ["age", "sex"]}})
+    with pytest.raises(ValueError, match="synthetic cohort"):
+        run_pipeline(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_incompatible_checkpoint(tmp_path, small_cohort):
+    run = tmp_path / "run"
+    cfg = load_config(None, {**SMALL, "output": str(run), "autoencoder": {**SMALL["autoencoder"], "steps": 4}})
+    _train("autoencoder", cfg, small_cohort, run / "autoencoder", seed=0, stop_after=1)
+    log = (run / "autoencoder" / "log.csv").read_text()
+    other_arch = {**SMALL, "output": str(run), "autoencoder": {**SMALL["autoencoder"], "steps": 4},
+                  "architecture": {**SMALL["architecture"], "autoencoder": {**SMALL_AE, "channels": [8, 8]}}}
+    with pytest.raises(CheckpointError, match="does not fit the autoencoder network"):
+        run_pipeline(load_config(None, other_arch), resume=True, progress=False, only=("autoencoder",))
+    other_lr = {**SMALL, "output": str(run), "autoencoder": {**SMALL["autoencoder"], "steps": 4, "lr": 0.5}}
+    with pytest.raises(CheckpointError, match="another autoencoder configuration"):
+        run_pipeline(load_config(None, other_lr), resume=True, progress=False, only=("autoencoder",))
+    assert "does not fit" in _cli("pipeline", "--config", str(_write(tmp_path / "a.json", other_arch)), "--resume",
+                                  "--stages", "autoencoder")
+    (run / "autoencoder" / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        run_pipeline(cfg, resume=True, progress=False, only=("autoencoder",))
+    assert (run / "autoencoder" / "log.csv").read_text() == log  # no step was taken
+    assert not (run / "autoencoder" / "done.json").exists()
+    # a later stage whose inputs are not trained is refused up front
+    with pytest.raises(ValueError, match="Stage autoencoder is not current"):
+        run_pipeline(cfg, progress=False, only=("diffusion",))
+
+
+# -- 5. plots -------------------------------------------------------------------------------------------------------
+def test_plot_command_writes_pngs(tiny_run, tmp_path, capsys):
+    from diffdef_training.cli import main
+
+    main(["plot", str(tiny_run), "--output", str(tmp_path)])
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == [f"{s}_curves.png" for s in ("autoencoder", "decoder", "diffusion", "registration")]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+    assert str(pngs[0]) in capsys.readouterr().out
+    assert "No stage log" in _cli("plot", str(tmp_path))
+
+
+# -- 6. the morphology-preservation loss switch ---------------------------------------------------------------------
+def test_decoder_without_mp_loss_trains(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("bundle"))
+    before = {s: (run / s / "done.json").read_text() for s in ("autoencoder", "diffusion", "registration")}
+    cfg = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml",
+                      {"output": str(run), "decoder": {"mp_loss": False}})
+    bundle = run_pipeline(cfg, progress=False)
+    # only the decoder was retrained (its settings changed); the frozen networks were reused
+    assert {s: (run / s / "done.json").read_text() for s in before} == before
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["provenance"]["morphology_preservation_loss"] is False
+    rows = list(csv.DictReader(open(run / "decoder" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # a fresh start replaces the copied run's log
+    assert all(torch.isfinite(torch.tensor(float(r["similarity"]))) for r in rows)
+    assert _max_diff(_weights(bundle / "decoder.safetensors"), _weights(tiny_run / "bundle" / "decoder.safetensors")) > 0
+
+
+def test_decoder_objective_terms(small_cohort):
+    from diffdef.networks import RegistrationNet
+
+    cfg = load_config(None, SMALL)
+    torch.manual_seed(0)
+    objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+    velocity = (0.1 * torch.randn(1, 3, *small_cohort.images.shape[2:])).requires_grad_(True)
+    atlas = objective.atlas(velocity)
+    idx = objective.neighbours(small_cohort.conditions[0], torch.Generator().manual_seed(0))
+    assert len(idx) == min(cfg.decoder.neighbours, len(small_cohort)) and len(set(idx.tolist())) == len(idx)
+    terms = objective.terms(velocity, atlas, small_cohort.images[idx])
+    assert set(terms) == {"centrality", "similarity", "smoothness"}
+    assert terms["centrality"].ndim == 0 and float(terms["centrality"]) >= 0
+    terms["centrality"].backward()
+    assert velocity.grad is not None and velocity.grad.abs().sum() > 0  # usable as a loss
+
+
+def test_docs_schema_table_is_current():
+    from diffdef_training.config import schema_table
+
+    docs = (ROOT / "docs" / "training.md").read_text()
+    assert schema_table() in docs
+    for words in ("--nproc_per_node 4", "--nnodes", "--node_rank", "--rdzv_endpoint", "NCCL", "gloo", "amp", "--resume"):
+        assert words in docs
