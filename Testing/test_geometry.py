@@ -123,3 +123,20 @@ def test_sitk_boundary_errors():
         from_sitk(sitk.Image(4, 4, sitk.sitkFloat32))
     with pytest.raises(ValueError, match="3 components"):
         from_sitk(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 2))
+
+
+def test_kji_round_trip():
+    """(i, j, k) <-> (k, j, i) (VTK / Slicer order): scalar and vector arrays round-trip, index meaning kept."""
+    import numpy as np
+
+    from diffdef.geometry import from_kji, to_kji
+
+    a = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    kji = to_kji(a)
+    assert kji.shape == (4, 3, 2) and kji.flags.c_contiguous and kji[3, 2, 1] == a[1, 2, 3]
+    assert np.array_equal(from_kji(kji), a)
+    v = np.random.default_rng(0).normal(size=(2, 3, 4, 3))
+    assert to_kji(v)[3, 1, 0].tolist() == v[0, 1, 3].tolist()
+    assert np.array_equal(from_kji(to_kji(v)), v)
+    with pytest.raises(ValueError):
+        to_kji(np.zeros((2, 3)))

@@ -8,6 +8,8 @@ Conventions used everywhere in DiffDef:
 * World space is RAS in millimetres (NIfTI, Slicer). ITK / SimpleITK speak LPS; only
   :func:`ras_to_lps` / :func:`lps_to_ras` (used by :func:`to_sitk` / :func:`from_sitk` and
   the displacement exporters) flip x and y.
+* VTK / Slicer (``slicer.util.arrayFromVolume``, ``vtkImageData`` scalars) store voxels ``(k, j, i)``, like
+  SimpleITK; only :func:`to_kji` / :func:`from_kji` cross that boundary (the Slicer module uses them).
 * A :class:`Grid` is a shape plus a 4x4 voxel-to-RAS affine, voxel centres at integer indices.
 * Displacements inside the library are in *voxel units of their grid*, channels ``(di, dj, dk)``,
   in the pull-back convention: ``warped(x) = image(x + u(x))``. :func:`displacement_to_mm` /
@@ -30,6 +32,23 @@ def ras_to_lps(points: np.ndarray) -> np.ndarray:
 
 
 lps_to_ras = ras_to_lps
+
+
+def to_kji(array: np.ndarray) -> np.ndarray:
+    """Array ``(i, j, k)`` or ``(i, j, k, C)`` -> C-contiguous ``(k, j, i)`` / ``(k, j, i, C)``, the memory order of
+    VTK image data and ``slicer.util.arrayFromVolume`` (components stay last)."""
+    array = np.asarray(array)
+    if array.ndim not in (3, 4):
+        raise ValueError(f"Expected an (i, j, k) or (i, j, k, C) array, got shape {array.shape}.")
+    return np.ascontiguousarray(array.transpose((2, 1, 0) + tuple(range(3, array.ndim))))
+
+
+def from_kji(array: np.ndarray) -> np.ndarray:
+    """Array ``(k, j, i)`` or ``(k, j, i, C)`` (VTK / Slicer order) -> ``(i, j, k)`` / ``(i, j, k, C)``."""
+    array = np.asarray(array)
+    if array.ndim not in (3, 4):
+        raise ValueError(f"Expected a (k, j, i) or (k, j, i, C) array, got shape {array.shape}.")
+    return np.ascontiguousarray(array.transpose((2, 1, 0) + tuple(range(3, array.ndim))))
 
 
 @dataclass(frozen=True)
