@@ -101,18 +101,45 @@ def write_image(path, array: np.ndarray, grid: Grid, overwrite: bool = False) ->
 def write_displacement_itk(path, disp_ras_mm: np.ndarray, grid: Grid, overwrite: bool = False) -> Path:
     """Write an (i, j, k, 3) RAS-mm displacement as an ITK / ANTs displacement field (LPS vectors).
 
-    ``.nii.gz`` gives ANTs' layout (5-D, intent vector); ``.nrrd`` is what Slicer loads as a grid transform.
-    Meaning (ITK resampling convention): a point p of this grid maps to p + u(p) in the moving image.
+    ``.nii.gz`` / ``.nii`` gives ANTs' layout (5-D ``(i, j, k, 1, 3)``, intent vector, RAS affine in the header,
+    as ITK's NIfTI writer makes it; written with nibabel, about 3x faster than ITK's writer); ``.nrrd`` and other
+    ITK formats (SimpleITK, fast zlib level) are what Slicer loads as a grid transform. float32 input stays
+    float32 (other numbers are written as float64). Meaning (ITK resampling convention): a point p of this grid
+    maps to p + u(p) in the moving image.
     """
     import SimpleITK as sitk
 
-    disp_ras_mm = np.asarray(disp_ras_mm, dtype=np.float64)
-    if not np.all(np.isfinite(disp_ras_mm)):
+    disp = np.asarray(disp_ras_mm)
+    if disp.dtype != np.float32:
+        disp = disp.astype(np.float64)
+    if disp.ndim != 4 or disp.shape[3] != 3:
+        raise ValueError(f"A displacement needs 3 components per voxel, got shape {disp.shape}.")
+    if disp.shape[:3] != grid.shape:
+        raise ValueError(f"Array shape {disp.shape} does not match grid shape {grid.shape}.")
+    if not np.all(np.isfinite(disp)):
         raise ValueError("The displacement contains NaN or infinite values.")
-    image = to_sitk(disp_ras_mm, grid, is_vector=True)
+    flip = (-1.0, -1.0, 1.0)  # RAS -> LPS components (geometry.ras_to_lps), done in the array's own dtype
+    path = Path(path)
     with atomic_path(path, overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return Path(path)
+        if _is_nifti(path):
+            data = np.empty(grid.shape + (1, 3), dtype=disp.dtype, order="F")
+            for c in range(3):
+                np.multiply(disp[..., c], flip[c], out=data[..., 0, c])
+            img = nib.Nifti1Image(data, grid.affine)
+            img.header.set_intent("vector")
+            img.header.set_xyzt_units("mm")
+            img.set_qform(grid.affine, code=1)
+            img.set_sform(grid.affine, code=1)
+            nib.save(img, str(tmp))
+        else:
+            data = np.empty(grid.shape[::-1] + (3,), dtype=disp.dtype)
+            for c in range(3):
+                np.multiply(disp[..., c].T, flip[c], out=data[..., c])
+            image = sitk.GetImageFromArray(data, isVector=True)
+            del data
+            image.CopyInformation(to_sitk(np.zeros(grid.shape, np.uint8), grid))  # geometry at the one boundary
+            sitk.WriteImage(image, str(tmp), True, 1)
+    return path
 
 
 def read_displacement_itk(path) -> tuple[np.ndarray, Grid]:

@@ -1,0 +1,300 @@
+"""The ``diffdef`` command line: outputs, geometry, the exported displacement, trajectories, refusals, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from diffdef import fields, outputs
+from diffdef.cli import main
+from diffdef.geometry import displacement_from_mm, from_sitk, to_sitk
+from diffdef.io import read_displacement_itk
+from diffdef.template import load_template
+
+FAST = ["--steps", "2", "--no-progress", "--device", "cpu"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    code = main(["generate", "--model", str(tiny_bundle), "--age", "70", "--ventricle-volume", "30", "--jacobian",
+                 "--seed", "3", *FAST, "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def test_generate_writes_every_output(generated):
+    names = sorted(p.name for p in generated.iterdir())
+    assert names == sorted(["atlas.json", "atlas_t1.nii.gz", "atlas_labels.nii.gz", "atlas_displacement.nii.gz",
+                            "atlas_displacement.nrrd", "atlas_jacobian.nii.gz", "atlas_preview.png"])
+    meta = json.loads((generated / "atlas.json").read_text())
+    assert meta["conditions_requested"] == {"age": 70.0, "ventricle_volume": 30.0}
+    assert meta["seed"] == 3 and meta["steps"] == 2 and meta["folding_ratio"] == 0.0
+    assert set(meta["label_volumes_ml"]) == {"CSF", "gray matter", "white matter", "lateral ventricles"}
+    assert meta["model"]["path"] and meta["model"]["provenance"]["cohort"] == "synthetic"
+    assert meta["diffdef_version"] and meta["warnings"] == []
+    assert {"load_s", "sampling_and_decoding_s", "integration_s", "warping_s", "writing_s"} <= set(meta["timings_s"])
+    from PIL import Image
+
+    with Image.open(generated / "atlas_preview.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 200
+
+
+@pytest.mark.parametrize("name", ["atlas_t1.nii.gz", "atlas_labels.nii.gz", "atlas_jacobian.nii.gz"])
+def test_nifti_geometry_equals_the_template(generated, name):
+    template = load_template()
+    img = nib.load(str(generated / name))
+    assert img.shape == template.grid.shape
+    assert np.allclose(img.affine, template.grid.affine, atol=1e-5)
+    array, grid = from_sitk(sitk.ReadImage(str(generated / name)))
+    assert grid.same_as(template.grid, tol=1e-4)
+    assert np.array_equal(array, np.asarray(img.dataobj))
+    if name == "atlas_labels.nii.gz":
+        assert img.get_data_dtype() == np.uint8 and set(np.unique(array)) <= {0, 1, 2, 3, 4}
+    if name == "atlas_jacobian.nii.gz":
+        assert array.min() > 0
+
+
+@pytest.mark.parametrize("name", ["atlas_displacement.nii.gz", "atlas_displacement.nrrd"])
+def test_displacement_files_readable_with_template_geometry(generated, name):
+    template = load_template()
+    image = sitk.ReadImage(str(generated / name))
+    assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetDimension() == 3
+    disp, grid = read_displacement_itk(generated / name)
+    assert grid.same_as(template.grid, tol=1e-4) and np.all(np.isfinite(disp))
+    if name.endswith(".nii.gz"):
+        img = nib.load(str(generated / name))  # ANTs layout: 5-D, intent vector
+        assert img.shape == template.grid.shape + (1, 3) and img.header.get_intent()[0] == "vector"
+
+
+CROP_START, CROP_SIZE = (60, 70, 55), (70, 80, 70)  # a block through the ventricles: keeps SimpleITK quick
+
+
+def _sitk_warp(template, field_path):
+    """SimpleITK's warp of the template with the exported field, on a block of the template grid."""
+    field = sitk.Cast(sitk.ReadImage(str(field_path)), sitk.sitkVectorFloat64)
+    moving = to_sitk(template.t1, template.grid)
+    reference = to_sitk(np.zeros(CROP_SIZE, np.float32), template.grid.crop(CROP_START, CROP_SIZE))
+    warped = sitk.Resample(moving, reference, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0,
+                           sitk.sitkFloat32)
+    return from_sitk(warped)[0]
+
+
+def _block(array):
+    return array[tuple(slice(s, s + n) for s, n in zip(CROP_START, CROP_SIZE))]
+
+
+@pytest.mark.parametrize("name", ["atlas_displacement.nii.gz", "atlas_displacement.nrrd"])
+def test_exported_displacement_warps_as_the_core(generated, name):
+    """SimpleITK Resample of the template with the exported field reproduces the generated atlas T1."""
+    template = load_template()
+    atlas_t1 = np.asarray(nib.load(str(generated / "atlas_t1.nii.gz")).dataobj)
+    theirs = _sitk_warp(template, generated / name)
+    assert np.abs(theirs - _block(atlas_t1)).max() < 2e-3
+
+
+def test_writer_exports_a_large_displacement_that_warps_as_the_core(tmp_path):
+    """The same check with a displacement of several mm (the tiny model's fields are small), on a block."""
+    template = load_template()
+    atlas = _small_atlas()
+    disp = displacement_from_mm(torch.from_numpy(atlas.displacement_mm).permute(3, 0, 1, 2)[None], atlas.grid)
+    atlas.t1 = fields.warp_image(torch.from_numpy(np.ascontiguousarray(atlas.t1))[None, None], disp)[0, 0].numpy()
+    assert disp.abs().max() > 2.0
+    paths = outputs.write_atlas(atlas, tmp_path, preview=False)
+    inner = (slice(8, -8),) * 3  # the core warp saw only the block: compare where x + u(x) stays inside it
+    assert np.abs(atlas.t1 - _block(template.t1))[inner].mean() > 0.02  # the warp really moves the anatomy
+    for key in ("displacement_itk", "displacement_slicer"):
+        theirs = _sitk_warp(template, paths[key])
+        assert np.abs(theirs - atlas.t1)[inner].max() < 2e-3, key
+        back, grid = read_displacement_itk(paths[key])
+        assert np.allclose(back, atlas.displacement_mm, atol=1e-5) and grid.same_as(atlas.grid, tol=1e-4)
+
+
+def test_trajectory_writes_4d_series(tiny_bundle, tmp_path, capsys):
+    code, out, err = run(capsys, "trajectory", "--model", tiny_bundle, "--age", "50:55:5", "--ventricle-volume", "30",
+                         *FAST, "-o", tmp_path)
+    assert code == 0, err
+    img = nib.load(str(tmp_path / "trajectory_t1_4d.nii.gz"))
+    assert img.shape == load_template().grid.shape + (2,)
+    assert np.allclose(img.affine, load_template().grid.affine, atol=1e-5)
+    assert nib.load(str(tmp_path / "trajectory_labels_4d.nii.gz")).shape[3] == 2
+    from PIL import Image
+
+    with Image.open(tmp_path / "trajectory.gif") as gif:
+        assert gif.n_frames == 2
+    rows = list(csv.DictReader(open(tmp_path / "trajectory.csv")))
+    assert [float(r["age"]) for r in rows] == [50.0, 55.0]
+    assert all(float(r["ventricle_volume"]) == 30.0 for r in rows)
+    meta = json.loads((tmp_path / "trajectory.json").read_text())
+    assert meta["varying"] == "age" and len(meta["frames"]) == 2
+
+
+def test_refuses_to_overwrite_and_leaves_files_untouched(generated, tiny_bundle, capsys):
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in generated.iterdir()}
+    code, out, err = run(capsys, "generate", "--model", tiny_bundle, "--age", "60", "--jacobian", *FAST,
+                         "-o", generated)
+    assert code == 2 and "--overwrite" in err and "atlas_t1.nii.gz" in err
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in generated.iterdir()}
+    assert after == before  # no file replaced, no temporary file left
+
+
+def test_a_partly_existing_folder_is_refused_before_any_write(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "atlas.json").write_text("mine")
+    code, _, err = run(capsys, "generate", "--model", tiny_bundle, *FAST, "-o", tmp_path)
+    assert code == 2 and "atlas.json" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["atlas.json"] and (tmp_path / "atlas.json").read_text() == "mine"
+
+
+def _small_atlas():
+    """An Atlas on a block of the template grid with a smooth displacement of a few mm (no model needed)."""
+    from diffdef.generate import Atlas
+
+    template = load_template()
+    grid = template.grid.crop(CROP_START, CROP_SIZE)
+    g = torch.Generator().manual_seed(0)
+    disp_mm = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=g) * 3.0, size=CROP_SIZE,
+                                              mode="trilinear", align_corners=True)
+    return Atlas(t1=_block(template.t1), labels=_block(template.labels),
+                 displacement_mm=disp_mm[0].permute(1, 2, 3, 0).numpy(), grid=grid, conditions={"age": 70.0},
+                 seed=0, folding_ratio=0.0, label_volumes_ml={}, velocity=None, jacobian=np.ones(CROP_SIZE))
+
+
+def test_interrupted_writing_leaves_the_folder_untouched(tmp_path, monkeypatch):
+    (tmp_path / "unrelated.txt").write_text("keep")
+    real, calls = outputs.write_image, []
+
+    def second_call_interrupts(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(outputs, "WRITE_THREADS", 1)
+    monkeypatch.setattr(outputs, "write_image", second_call_interrupts)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.write_atlas(_small_atlas(), tmp_path)
+    assert len(calls) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["unrelated.txt"]  # no output, no temporary file
+    monkeypatch.setattr(outputs, "write_image", real)
+    paths = outputs.write_atlas(_small_atlas(), tmp_path)
+    assert len(paths) == 7 and all(p.is_file() for p in paths.values())
+
+
+def test_ctrl_c_exits_130_without_files(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from diffdef.generate import AtlasGenerator
+
+    def interrupted(self, *a, progress=None, **k):
+        progress(0.3, "Diffusion step 1/2")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AtlasGenerator, "generate", interrupted)
+    code, _, err = run(capsys, "generate", "--model", tiny_bundle, "--age", "65", *FAST, "-o", tmp_path / "out")
+    assert code == 130 and "interrupted" in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_out_of_range_warns_and_overwrite_replaces(tiny_bundle, tmp_path, capsys):
+    args = ["generate", "--model", tiny_bundle, "--age", "95", *FAST, "--no-preview", "-o", tmp_path]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "age = 95 years is outside the training range" in err and "extrapolation" in err
+    assert json.loads((tmp_path / "atlas.json").read_text())["warnings"]
+    assert run(capsys, *args)[0] == 2
+    code, _, err = run(capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert len(list(tmp_path.iterdir())) == 5
+
+
+VALID = ("age (years", "ventricle_volume (ml")
+
+
+@pytest.mark.parametrize("command", ["generate", "trajectory"])
+@pytest.mark.parametrize("argv, needle", [
+    (["--age", "nan"], "finite"),
+    (["--ventricle-volume", "-5"], "negative"),
+    (["--height", "180"], "Unknown condition 'height'"),
+    (["--condition", "height=180"], "Unknown condition 'height'"),
+    (["--age", "old"], "must be a number"),
+])
+def test_bad_conditions_exit_2_listing_valid_names(tiny_bundle, tmp_path, capsys, command, argv, needle):
+    if command == "trajectory":
+        argv = argv + (["--ventricle-volume", "20:30:5"] if "--age" in argv else ["--age", "50:60:5"])
+    code, _, err = run(capsys, command, "--model", tiny_bundle, *argv, *FAST, "-o", tmp_path / "o")
+    assert code == 2, err
+    assert all(v in err for v in VALID), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["trajectory", "--age", "50:nan:5"], "NaN"),
+    (["trajectory", "--age", "60:50:5"], "STEP"),
+    (["trajectory", "--age", "50:60:5", "--ventricle-volume", "10:20:5"], "Only one"),
+    (["trajectory", "--age", "50"], "range"),
+    (["generate", "--age", "50:60:5"], "ranges are for"),
+])
+def test_bad_ranges_exit_2(tiny_bundle, tmp_path, capsys, argv, needle):
+    code, _, err = run(capsys, *argv, "--model", tiny_bundle, *FAST, "-o", tmp_path / "o")
+    assert code == 2 and needle in err, err
+
+
+def test_bad_model_folder_exit_2(tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--model", tmp_path, "--age", "70", "-o", tmp_path / "o")
+    assert code == 2 and "not a DiffDef model bundle" in err and "model.json" in err
+    (tmp_path / "model.json").write_text("{broken")
+    code, _, err = run(capsys, "generate", "--model", tmp_path, "--age", "70", "-o", tmp_path / "o")
+    assert code == 2 and "model.json" in err
+
+
+def test_corrupt_weights_exit_2(tiny_bundle, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "decoder.safetensors").write_bytes(b"garbage")
+    code, _, err = run(capsys, "generate", "--model", bad, *FAST, "-o", tmp_path / "o")
+    assert code == 2 and "decoder.safetensors" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "trajectory", "compare"])
+def test_help_has_units_and_examples(tiny_bundle, capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--model", str(tiny_bundle), "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "years" in text and "--ventricle-volume" in text and "--seed" in text
+
+
+def test_compare_missing_subject_exit_2(tiny_bundle, tmp_path, capsys):
+    code, _, err = run(capsys, "compare", tmp_path / "nope.nii.gz", "--model", tiny_bundle, "--age", "70", *FAST,
+                       "-o", tmp_path / "o")
+    assert code == 2 and "not found" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compare_writes_every_output(tiny_bundle, tmp_path, capsys):
+    """The template as its own subject, with its own labels: Dice 1 and every file (about 30 s of CPU)."""
+    from diffdef.io import write_image
+
+    template = load_template()
+    write_image(tmp_path / "subject.nii.gz", template.t1, template.grid)
+    write_image(tmp_path / "seg.nii.gz", template.labels, template.grid)
+    code, out, err = run(capsys, "compare", tmp_path / "subject.nii.gz", "--labels", tmp_path / "seg.nii.gz",
+                         "--model", tiny_bundle, "--age", "70", *FAST, "-o", tmp_path / "cmp")
+    assert code == 0, err
+    names = {p.name for p in (tmp_path / "cmp").iterdir()}
+    assert names == {p.name for p in outputs.comparison_paths(tmp_path / "cmp", with_labels=True).values()}
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert len(rows) == 4 and all(float(r["dice"]) > 0.9 for r in rows)
+    img = nib.load(str(tmp_path / "cmp" / "compare_log_jacobian.nii.gz"))
+    assert img.shape == template.grid.shape and np.allclose(img.affine, template.grid.affine, atol=1e-5)
