@@ -58,6 +58,19 @@ def warp_image(image: torch.Tensor, disp: torch.Tensor, padding: str = "border")
     return _warp("bilinear", padding)(image, disp)
 
 
+def warp_image_and_labels(image: torch.Tensor, labels: torch.Tensor, disp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`warp_image` and :func:`warp_labels` with one shared sampling grid (half the work at 1 mm)."""
+    check_displacement(disp)
+    grid = _warp("bilinear", "border").get_reference_grid(disp) + disp
+    grid = grid.permute(0, 2, 3, 4, 1)
+    for r, n in enumerate(disp.shape[2:]):
+        grid[..., r] = grid[..., r] * (2.0 / max(n - 1, 1)) - 1.0
+    grid = grid.flip(-1)  # (i, j, k) -> grid_sample's (x, y, z) = (k, j, i)
+    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    warped_labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="border", align_corners=True)
+    return warped, warped_labels.round().to(labels.dtype)
+
+
 def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """Warp an integer label map ``(B, 1, i, j, k)`` by nearest neighbour."""
     return _warp("nearest", "border")(labels.float(), disp).round().to(labels.dtype)

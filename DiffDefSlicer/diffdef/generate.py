@@ -33,8 +33,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 class Atlas:
     """A generated atlas on the 1 mm template grid, arrays (i, j, k).
 
-    ``displacement_mm``: (i, j, k, 3) RAS mm, pull-back: ``atlas(x) = template(x + u(x))``.
-    ``velocity``: (1, 3, ...) on the working grid, working-grid voxels."""
+    ``displacement_mm``: (i, j, k, 3) RAS mm, pull-back: ``atlas(x) = template(x + u(x))``; it is the trilinear
+    interpolation of ``working_displacement_mm`` ((i, j, k, 3) RAS mm on ``working_grid``, where the velocity is
+    integrated), so exporting the working-grid field loses nothing (ITK interpolates it the same way).
+    ``velocity``: (1, 3, ...) on the working grid, working-grid voxels.
+    ``folding_ratio``: % of working-grid voxels with det J <= 0 (where the map is integrated); with
+    ``jacobian`` the 1 mm det J map is kept and ``folding_ratio_1mm`` is measured on it as well."""
 
     t1: np.ndarray
     labels: np.ndarray
@@ -45,7 +49,10 @@ class Atlas:
     folding_ratio: float
     label_volumes_ml: dict
     velocity: torch.Tensor
+    working_displacement_mm: np.ndarray | None = None
+    working_grid: Grid | None = None
     jacobian: np.ndarray | None = None
+    folding_ratio_1mm: float | None = None
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -98,17 +105,21 @@ class AtlasGenerator:
             progress(0.9, "Warping the template")
         t = time.perf_counter()
         with torch.no_grad():
-            t1 = fields.warp_image(self.template.t1_tensor().to(self.device), disp)
-            labels = fields.warp_labels(self.template.labels_tensor().to(self.device), disp)
-            det = fields.jacobian_determinant(disp)
+            t1, labels = fields.warp_image_and_labels(self.template.t1_tensor().to(self.device),
+                                                      self.template.labels_tensor().to(self.device), disp)
+            det = fields.jacobian_determinant(disp) if jacobian else None
         timings["warping_s"] = time.perf_counter() - t
         labels_np = labels[0, 0].cpu().numpy().astype(np.uint8)
+        work = self.bundle.working_grid
+        as_ijk3 = lambda d, g: displacement_to_mm(d, g)[0].permute(1, 2, 3, 0).cpu().numpy()
         atlas = Atlas(
-            t1=t1[0, 0].cpu().numpy(), labels=labels_np,
-            displacement_mm=displacement_to_mm(disp, self.template.grid)[0].permute(1, 2, 3, 0).cpu().numpy(),
+            t1=t1[0, 0].cpu().numpy(), labels=labels_np, displacement_mm=as_ijk3(disp, self.template.grid),
             grid=self.template.grid, conditions=values, seed=int(seed),
-            folding_ratio=metrics.folding_ratio(det), label_volumes_ml=self.template.label_volumes_ml(labels_np),
-            velocity=velocity.cpu(), jacobian=det[0, 0].cpu().numpy() if jacobian else None,
+            folding_ratio=metrics.folding_ratio(fields.jacobian_determinant(disp_work)),
+            label_volumes_ml=self.template.label_volumes_ml(labels_np), velocity=velocity.cpu(),
+            working_displacement_mm=as_ijk3(disp_work, work), working_grid=work,
+            jacobian=det[0, 0].cpu().numpy() if jacobian else None,
+            folding_ratio_1mm=metrics.folding_ratio(det) if jacobian else None,
             warnings=warnings, timings=timings)
         if progress:
             progress(1.0, "Done")
