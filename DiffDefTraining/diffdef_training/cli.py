@@ -47,6 +47,12 @@ def _plot(a):
         print(f)
 
 
+def _evaluate(a):
+    from .evaluate import run_from_args
+
+    run_from_args(a, "diffdef-train evaluate " + " ".join(sys.argv[2:]))
+
+
 def _preprocess(a, rest):
     from .cohort import preprocess_main
 
@@ -68,6 +74,13 @@ def main(argv=None):
     s.add_argument("run", help="run folder (the config's output)")
     s.add_argument("--output", help="PNG folder (default: the run folder)")
     s.set_defaults(fn=_plot)
+    s = sub.add_parser("evaluate", help="benchmark a bundle against the synthetic ground truth and baselines "
+                       "(Markdown table, JSON, figures; see --help)", add_help=argv[:1] == ["evaluate"])
+    if argv[:1] == ["evaluate"]:  # torch is imported only when evaluating
+        from .evaluate import add_arguments
+
+        add_arguments(s)
+    s.set_defaults(fn=_evaluate)
     sub.add_parser("preprocess", help="validate and preprocess a real cohort manifest (see --help)", add_help=False)
     synthetic = {"synthesize": "export", "cohort-stats": "stats", "cohort-figure": "figure"}
     sub.add_parser("synthesize", help="export a synthetic cohort: NIfTI images, label maps, manifest (see --help)",
