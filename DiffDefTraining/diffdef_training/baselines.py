@@ -67,7 +67,7 @@ def _demons(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, iterations: i
     demons = sitk.DiffeomorphicDemonsRegistrationFilter()
     demons.SetNumberOfIterations(int(iterations))
     demons.SetSmoothDisplacementField(True)
-    demons.SetStandardDeviations(float(sigma_vox * grid.spacing[0]))  # physical units (UseImageSpacing)
+    demons.SetStandardDeviations(float(sigma_vox))  # ITK's field smoothing is in voxels (pixel coordinates)
     field = demons.Execute(f, m)
     disp_mm, _ = from_sitk(field)  # (i, j, k, 3) RAS mm
     return displacement_from_mm(torch.from_numpy(np.ascontiguousarray(disp_mm)).permute(3, 0, 1, 2)[None].float(), grid)
