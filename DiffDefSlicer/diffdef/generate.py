@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import fields, metrics
-from .bundle import Bundle, load_bundle
+from .bundle import NETWORKS, Bundle, load_bundle
 from .geometry import Grid, displacement_to_mm
 from .sampling import Cancelled, sample_latents
 from .template import LABELS, load_template
@@ -63,7 +63,8 @@ class AtlasGenerator:
 
     def __init__(self, bundle: Bundle | str | None = None, device: str = "auto"):
         self.device = resolve_device(device)
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        # the image decoder (an evaluation baseline) is not needed to generate or compare: skip it
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, networks_wanted=NETWORKS)
         self.bundle.to(self.device)
         self.template = load_template()
         self.spec = self.bundle.spec
