@@ -10,12 +10,7 @@ from diffdef.fields import (compose, integrate_velocity, jacobian_determinant, o
 from diffdef.geometry import Grid, displacement_to_mm, to_sitk
 
 
-def rotation(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
+from helpers import rotation  # noqa: E402
 
 
 def affine(matrix, origin) -> np.ndarray:

@@ -7,12 +7,7 @@ import torch
 from diffdef.geometry import Grid, displacement_from_mm, displacement_to_mm, from_sitk, lps_to_ras, ras_to_lps, to_sitk
 
 
-def rotation(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
+from helpers import rotation  # noqa: E402
 
 
 def oblique_grid(shape=(7, 6, 5), flip: bool = True) -> Grid:

@@ -11,12 +11,7 @@ from diffdef.geometry import Grid, displacement_to_mm, from_sitk, to_sitk
 from diffdef.io import read_displacement_itk, read_image, write_displacement_itk, write_image
 
 
-def rotation(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
+from helpers import rotation  # noqa: E402
 
 
 def oblique_grid(shape=(18, 16, 14)) -> Grid:
