@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -257,7 +258,7 @@ def test_decoder_objective_terms(small_cohort):
     torch.manual_seed(0)
     objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
     velocity = (0.1 * torch.randn(1, 3, *small_cohort.images.shape[2:])).requires_grad_(True)
-    atlas = objective.atlas(velocity)
+    atlas, _ = objective.atlas(velocity)
     idx = objective.neighbours(small_cohort.conditions[0], torch.Generator().manual_seed(0))
     assert len(idx) == min(cfg.decoder.neighbours, len(small_cohort)) and len(set(idx.tolist())) == len(idx)
     terms = objective.terms(velocity, atlas, small_cohort.images[idx])
@@ -265,6 +266,47 @@ def test_decoder_objective_terms(small_cohort):
     assert terms["centrality"].ndim == 0 and float(terms["centrality"]) >= 0
     terms["centrality"].backward()
     assert velocity.grad is not None and velocity.grad.abs().sum() > 0  # usable as a loss
+
+
+def test_decoder_volume_term_measures_the_warped_label(small_cohort):
+    """The volume term against hand values: the identity keeps the template's ventricles (the working-grid
+    fraction sum, 16.9 ml at 1 mm); a uniform scaling about the centre by s multiplies the volume by s^3."""
+    from diffdef.networks import RegistrationNet
+    from diffdef.template import load_template
+
+    cfg = load_config(None, {**SMALL, "decoder": {"volume_labels": {"ventricle_volume": 4}}})
+    objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+    spec = small_cohort.spec
+    template_ml = load_template().label_volumes_ml()["lateral ventricles"]
+    shape = small_cohort.images.shape[2:]
+
+    def term(disp, ml, age=70.0):
+        cond = spec.normalise({"age": age, "ventricle_volume": ml})[0]
+        return objective.volume(disp, cond)
+
+    zero = torch.zeros(1, 3, *shape, requires_grad=True)
+    loss, (err,) = term(zero, template_ml)
+    assert abs(err) < 1.0 and float(loss) < 1e-3  # the block-averaged fractions keep the 1 mm volume
+    loss, (err,) = term(zero, 2 * template_ml)
+    assert err == pytest.approx(-50, abs=1) and float(loss) == pytest.approx(math.log(2) ** 2, rel=0.03)
+    loss.backward()
+    assert zero.grad.abs().sum() > 0  # differentiable in the displacement
+    s = 0.9  # pull-back u(x) = (s - 1)(x - c): the atlas is the template magnified by 1/s
+    centre = (torch.tensor(shape, dtype=torch.float32) - 1) / 2
+    axes = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    disp = ((s - 1) * (axes - centre[:, None, None, None]))[None]
+    _, (err,) = term(disp, template_ml)
+    assert err == pytest.approx(100 * (s**-3 - 1), abs=4)
+    _, errors = term(zero, float("nan"))  # ventricle volume omitted: no term
+    assert errors == []
+
+
+@pytest.mark.parametrize("volume_labels, words", [
+    ({"brain_age": 4}, "not in cohort.conditions"), ({"ventricle_volume": 0}, "template label value"),
+    ({"ventricle_volume": 9}, "template label value"), ({"ventricle_volume": "4"}, "template label value")])
+def test_config_refuses_bad_volume_labels(volume_labels, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, {"decoder": {"volume_labels": volume_labels}})
 
 
 def test_docs_schema_table_is_current():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffdef.networks import DEFAULT_ARCH
+from diffdef.template import LABEL_NAMES
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,8 @@ class DecoderConfig(StageConfig):
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
     condition_dropout: float = 0.15  # per condition, for the latent bank
+    volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
+    volume_weight: float = 1.0  # weight of the volume-consistency term (log(atlas volume / requested))^2, for volume_labels
 
 
 @dataclass
@@ -199,6 +202,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{name}.lr must be > 0 and {name}.ema in [0, 1).")
     if cfg.decoder.neighbours < 1 or cfg.decoder.sigma <= 0:
         raise ConfigError("decoder.neighbours must be >= 1 and decoder.sigma > 0.")
+    for name, label in cfg.decoder.volume_labels.items():
+        if name not in cfg.cohort.conditions:
+            raise ConfigError(f"decoder.volume_labels names {name!r}, which is not in cohort.conditions {cfg.cohort.conditions}.")
+        if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
+            raise ConfigError(f"decoder.volume_labels.{name} must be a template label value, one of "
+                              + ", ".join(f"{v} ({n})" for v, n in LABEL_NAMES.items() if v) + f"; got {label!r}.")
+    if cfg.decoder.volume_weight < 0:
+        raise ConfigError(f"decoder.volume_weight must be >= 0, got {cfg.decoder.volume_weight}.")
     if cfg.cohort.factor not in (2, 4, 8):
         raise ConfigError(f"cohort.factor must be 2, 4 or 8 (the 1 mm crop 160x192x160 divides), got {cfg.cohort.factor}.")
     conds = cfg.cohort.conditions
