@@ -35,7 +35,7 @@ def test_outputs_written(tiny_evaluation):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = json.loads((out / "evaluation.json").read_text())
     assert {r["method"] for r in data["rows"]} == {"true atlas", "DiffDef", "MNI template", "conventional",
-                                                  "intensity generation"}
+                                                  "conventional, 1 mm", "intensity generation"}
     md = (out / "evaluation.md").read_text()
     for method in ("DiffDef", "MNI template", "conventional", "intensity generation", "Targets"):
         assert method in md
@@ -57,6 +57,18 @@ def test_metrics_finite_and_in_range(tiny_evaluation):
     assert diffdef["folding_pct"] == 0.0  # velocity-integrated: diffeomorphic
     assert diffdef["dice"]["WM"] > 0.8  # even the barely trained model warps the template only a little
     assert _rows(result, "conventional")[0]["folding_pct"] is None  # no deformation to judge
+
+
+def test_conventional_at_1mm_uses_the_same_subjects(tiny_evaluation):
+    """The 1 mm conventional template is the coarse one's neighbourhood rebuilt on the 1 mm grid: same subjects,
+    and its speed-up row is reported."""
+    result, _, _ = tiny_evaluation
+    coarse, fine = _rows(result, "conventional")[0], _rows(result, "conventional, 1 mm")[0]
+    assert fine["details"]["subjects"] == coarse["details"]["subjects"]
+    assert fine["details"]["grid_spacing_mm"] == 1.0 and coarse["details"]["grid_spacing_mm"] == 8.0
+    assert fine["dice"]["WM"] > 0.5
+    names = [t["target"] for t in result["targets"]]
+    assert "speed-up per atlas vs conventional" in names and "speed-up per atlas vs conventional, 1 mm" in names
 
 
 def test_identity_is_the_template(tiny_evaluation):

@@ -73,7 +73,8 @@ class DecoderConfig(StageConfig):
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
     condition_dropout: float = 0.15  # per condition, for the latent bank
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
-    volume_weight: float = 1.0  # weight of the volume-consistency term (log(atlas volume / requested))^2, for volume_labels
+    neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]
+    volume_weight: float = 1.0  # weight of the volume-consistency terms (log(atlas volume / requested))^2, for volume_labels
 
 
 @dataclass
@@ -208,6 +209,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
             raise ConfigError(f"decoder.volume_labels.{name} must be a template label value, one of "
                               + ", ".join(f"{v} ({n})" for v, n in LABEL_NAMES.items() if v) + f"; got {label!r}.")
+    for label in cfg.decoder.neighbourhood_volume_labels:
+        if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
+            raise ConfigError("decoder.neighbourhood_volume_labels must list template label values, from "
+                              + ", ".join(f"{v} ({n})" for v, n in LABEL_NAMES.items() if v) + f"; got {label!r}.")
+    clash = set(cfg.decoder.neighbourhood_volume_labels) & set(cfg.decoder.volume_labels.values())
+    if clash:
+        raise ConfigError(f"Label {sorted(clash)[0]} is in both decoder.volume_labels (its volume is a condition) "
+                          "and decoder.neighbourhood_volume_labels; keep it in one.")
     if cfg.decoder.volume_weight < 0:
         raise ConfigError(f"decoder.volume_weight must be >= 0, got {cfg.decoder.volume_weight}.")
     if cfg.cohort.factor not in (2, 4, 8):

@@ -205,12 +205,18 @@ class DecoderObjective:
     similarity = LNCC loss between the atlas and the neighbours; smoothness = diffusion regulariser of the
     velocity; volume = (log(V_atlas / V_requested))^2 summed over the conditions that are label volumes
     (``decoder.volume_labels``), V_atlas the template label's working-grid fraction map warped by the
-    displacement and summed (ml).
+    displacement and summed (ml), plus, for each label of ``decoder.neighbourhood_volume_labels``,
+    (log(r_atlas / r_neighbourhood))^2 with r the label's volume relative to the template's: the atlas's from
+    the warped fractions, the neighbourhood's the Gaussian-weighted mean over the cohort's label maps (each
+    divided by the template's volume measured the same way, so the label maps' partial-volume bias cancels).
 
     Why the volume term: the Gaussian neighbourhood only pulls the atlas towards its neighbours' *mean*, and
     through a registration network that recovers part of each displacement; at the edges of the cohort (10 or
     60 ml at 65 years) the decoder then answered at about half the requested change. A condition that *is* a
-    measured volume says exactly what the atlas must measure, so it is enforced directly."""
+    measured volume says exactly what the atlas must measure, so it is enforced directly. Volumes that are not
+    conditions (brain tissue, which shrinks with age) get the volumetric form of the MP loss instead: the
+    atlas keeps its neighbourhood's mean volume, which subtle atrophy at a 4 mm grid barely shows to the
+    registration network."""
 
     def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
         self.cfg, self.cohort, self.device = cfg, cohort, device
@@ -226,6 +232,17 @@ class DecoderObjective:
                                 cohort.spec.conditions[names.index(n)].sd) for n in cfg.decoder.volume_labels]
         self.volume_fractions = cohort.template_fractions[:, list(cfg.decoder.volume_labels.values())].to(device)
         self.voxel_ml = float(np.prod(cohort.grid.spacing)) / 1000.0
+        labels = list(cfg.decoder.neighbourhood_volume_labels)
+        self.neighbourhood_fractions = cohort.template_fractions[:, labels].to(device)  # (1, V, ...)
+        if labels:
+            if cohort.labels is None:
+                raise ValueError("decoder.neighbourhood_volume_labels needs label maps for every cohort subject "
+                                 "(a 'labels' column in the manifest); remove the key or add the label maps.")
+            template_hard = F.one_hot(cohort.template_fractions.argmax(1), cohort.template_fractions.shape[1])
+            template_hard = template_hard.permute(0, 4, 1, 2, 3)[:, labels].sum(dim=(2, 3, 4)).float()  # (1, V)
+            # each subject's label volumes relative to the template's, both from hard label maps: (N, V)
+            self.neighbourhood_ratios = cohort.labels[:, labels].sum(dim=(2, 3, 4)).float() / template_hard
+            self.template_soft = self.neighbourhood_fractions.sum(dim=(0, 2, 3, 4))  # (V,) voxels
 
     def atlas(self, velocity) -> tuple[torch.Tensor, torch.Tensor]:
         """The template warped by the integrated velocity, and the displacement (working-grid voxels)."""
@@ -244,6 +261,16 @@ class DecoderObjective:
         requested = torch.tensor([float(condition[c]) * sd + m for _, c, m, sd in present], device=volume.device)
         log_ratio = torch.log(volume.clamp_min(1e-3) / requested.clamp_min(1e-3))
         return log_ratio.pow(2).sum(), (100 * (volume.detach() / requested - 1)).tolist()
+
+    def neighbourhood_volume(self, disp, condition) -> tuple[torch.Tensor, list[float]]:
+        """The neighbourhood-volume term of one atlas and the relative errors (%) per label; 0 without labels."""
+        if not self.neighbourhood_fractions.shape[1]:
+            return disp.new_zeros(()), []
+        w = neighbourhood_weights(condition.cpu(), self.cohort.conditions, self.cfg.decoder.sigma)
+        target = ((w[:, None] * self.neighbourhood_ratios).sum(0) / w.sum()).to(disp.device)
+        ratio = fields.warp_probabilities(self.neighbourhood_fractions, disp).sum(dim=(0, 2, 3, 4)) / self.template_soft
+        log_ratio = torch.log(ratio.clamp_min(1e-6) / target)
+        return log_ratio.pow(2).sum(), (100 * (ratio.detach() / target - 1)).tolist()
 
     def neighbours(self, condition, gen) -> torch.Tensor:
         w = neighbourhood_weights(condition, self.cohort.conditions, self.cfg.decoder.sigma)
@@ -276,17 +303,20 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
         cond = bank_conds[idx].to(ctx.device)
         velocity = m(bank_latents[idx].to(ctx.device), cond).float()
         atlas, disp = objective.atlas(velocity)
-        total, logs, volume_errors = 0.0, {}, []
+        total, logs, volume_errors, neighbourhood_errors = 0.0, {}, [], []
         for b, i in enumerate(idx):
             g = sample_generator(cfg.seed + 4, step * dcfg.accumulate + micro, i)
             nb = cohort.images[objective.neighbours(bank_conds[i], g)].to(ctx.device)
             t = objective.terms(velocity[b : b + 1], atlas[b : b + 1], nb, centrality_grad=dcfg.mp_loss)
             t["volume"], errors = objective.volume(disp[b : b + 1], cond[b])
             volume_errors += errors
+            nb_term, errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
+            t["volume"] = t["volume"] + nb_term
+            neighbourhood_errors += errors
             loss = dcfg.sim_weight * t["similarity"] + dcfg.smooth_weight * t["smoothness"]
             if dcfg.mp_loss:
                 loss = loss + dcfg.mp_weight * t["centrality"]
-            if objective.volume_columns:
+            if objective.volume_columns or neighbourhood_errors:
                 loss = loss + dcfg.volume_weight * t["volume"]
             else:
                 del t["volume"]
@@ -295,6 +325,8 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
                 logs[k] = logs.get(k, 0.0) + v.item() / len(idx)
         if objective.volume_columns:  # mean |error| (%) of the requested volumes in this step (NaN: none asked)
             logs["volume_abs_error_pct"] = float(np.mean(np.abs(volume_errors))) if volume_errors else float("nan")
+        if neighbourhood_errors:  # mean |error| (%) of the labels' volumes vs their neighbourhoods' means
+            logs["neighbourhood_volume_abs_error_pct"] = float(np.mean(np.abs(neighbourhood_errors)))
         return total, logs
 
     return train("decoder", decoder, loss_fn, dcfg, ctx, out, resume, **kw)
