@@ -103,18 +103,6 @@ def test_ablation_comparison():
     assert "extrapolated" in format_ablation(ab)
 
 
-def test_separable_ssim_equals_metrics_ssim():
-    from diffdef_training.evaluate import ssim
-
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand((16, 12, 11), generator=g, dtype=torch.float64)
-    b = (a + 0.3 * torch.rand((16, 12, 11), generator=g, dtype=torch.float64)).clamp(0, 1)
-    assert ssim(a, b, 1.0) == pytest.approx(metrics.ssim(a, b, 1.0), rel=1e-10)
-    assert ssim(a, a, 1.0) == pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        ssim(a, b[:-1], 1.0)
-
-
 def test_groupwise_template_moves_to_the_centre():
     """Two images warped by +u and -u from a base: the groupwise template is nearer the base than either."""
     from diffdef import fields

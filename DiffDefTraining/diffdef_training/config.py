@@ -74,7 +74,7 @@ class DecoderConfig(StageConfig):
     condition_dropout: float = 0.15  # per condition, for the latent bank
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
     neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]
-    volume_weight: float = 1.0  # weight of the volume-consistency terms (log(atlas volume / requested))^2, for volume_labels
+    volume_weight: float = 1.0  # weight of the volume terms (squared log ratios of atlas to requested / neighbourhood volume)
 
 
 @dataclass
