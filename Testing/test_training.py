@@ -301,6 +301,20 @@ def test_decoder_volume_term_measures_the_warped_label(small_cohort):
     assert errors == []
 
 
+def test_bank_mixing_draws_conditions_independently(small_cohort):
+    """With bank_mixing 0.5 the first half of the bank pairs each condition with another subject's values
+    (combinations the cohort lacks); the second half keeps the subjects' own pairs; 0 keeps them all."""
+    pairs = {tuple(c.tolist()) for c in small_cohort.conditions}
+    for mixing in (0.0, 0.5):
+        cfg = load_config(None, {**SMALL, "decoder": {"bank_size": 64, "condition_dropout": 0.0, "bank_mixing": mixing}})
+        conds = stages.bank_conditions(cfg, small_cohort)
+        own = [tuple(c.tolist()) in pairs for c in conds]
+        half = 32 if mixing else 0
+        assert all(own[half:])
+        assert sum(own[:half]) <= 0.4 * half  # 8 subjects: about 1 in 8 mixed draws repeats a pair by chance
+        assert torch.equal(conds, stages.bank_conditions(cfg, small_cohort))  # deterministic in the seed
+
+
 def test_decoder_neighbourhood_volume_term(small_cohort):
     """The neighbourhood-volume term: at the identity the atlas keeps the template's volumes, so its error is
     the template's volume against the Gaussian-weighted mean of the subjects' (hand-computed here); a cohort

@@ -72,6 +72,7 @@ class DecoderConfig(StageConfig):
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
     condition_dropout: float = 0.15  # per condition, for the latent bank
+    bank_mixing: float = 0.0  # fraction of the bank whose conditions are drawn independently of each other (covers combinations the cohort lacks)
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
     neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]
     volume_weight: float = 1.0  # weight of the volume terms (squared log ratios of atlas to requested / neighbourhood volume)
@@ -217,6 +218,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if clash:
         raise ConfigError(f"Label {sorted(clash)[0]} is in both decoder.volume_labels (its volume is a condition) "
                           "and decoder.neighbourhood_volume_labels; keep it in one.")
+    if not 0 <= cfg.decoder.bank_mixing <= 1:
+        raise ConfigError(f"decoder.bank_mixing must be in [0, 1], got {cfg.decoder.bank_mixing}.")
     if cfg.decoder.volume_weight < 0:
         raise ConfigError(f"decoder.volume_weight must be >= 0, got {cfg.decoder.volume_weight}.")
     if cfg.cohort.factor not in (2, 4, 8):

@@ -170,16 +170,30 @@ def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors,
 
 
 # -- deformation decoder with the morphology-preservation loss ---------------------------------------------------
-@torch.no_grad()
-def latent_bank(cfg: TrainConfig, cohort: CohortTensors, diffusion: ConditionalDiffusion, latent_shape, device,
-                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bank_size`` (normalised condition, DDIM latent) pairs: conditions of random training subjects with
-    condition dropout, latents sampled once with the sampling defaults (deterministic in the seed)."""
+def bank_conditions(cfg: TrainConfig, cohort: CohortTensors) -> torch.Tensor:
+    """The ``bank_size`` normalised conditions of the latent bank (NaN = dropped): those of random training
+    subjects, with condition dropout. The first ``bank_mixing`` fraction takes each condition's value from an
+    independently drawn subject: a user may ask for any combination inside the training ranges (small
+    ventricles at 65), which the cohort's joint distribution rarely or never shows the decoder."""
     dcfg = cfg.decoder
     g = torch.Generator().manual_seed(cfg.seed + 3)
     pick = torch.randint(0, len(cohort), (dcfg.bank_size,), generator=g)
+    values = cohort.conditions[pick].clone()
+    mixed = int(round(dcfg.bank_mixing * dcfg.bank_size)) if values.shape[1] > 1 else 0
+    for k in range(values.shape[1] if mixed else 0):
+        values[:mixed, k] = cohort.conditions[torch.randint(0, len(cohort), (mixed,), generator=g), k]
     gens = [sample_generator(cfg.seed + 3, 0, i) for i in range(dcfg.bank_size)]
-    conds = drop_conditions(cohort.conditions[pick], gens, dcfg.condition_dropout, 0.0)
+    return drop_conditions(values, gens, dcfg.condition_dropout, 0.0)
+
+
+@torch.no_grad()
+def latent_bank(cfg: TrainConfig, cohort: CohortTensors, diffusion: ConditionalDiffusion, latent_shape, device,
+                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bank_size`` (normalised condition, DDIM latent) pairs: :func:`bank_conditions`, latents sampled once
+    with the sampling defaults (deterministic in the seed)."""
+    dcfg = cfg.decoder
+    conds = bank_conditions(cfg, cohort)
+    g = torch.Generator().manual_seed(cfg.seed + 5)
     diffusion.eval().to(device)
     latents = []
     from tqdm import tqdm
