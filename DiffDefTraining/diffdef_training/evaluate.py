@@ -75,7 +75,7 @@ class EvalSettings:
     conventional_demons_iterations: int = 25
     conventional_neighbours: int = 0  # 0: the bundle's N
     conventional_factor: int = 0  # 0: the bundle's working-grid factor
-    conventional_1mm_conditions: int = 1  # conditions on which the conventional template is also built at 1 mm
+    conventional_1mm_conditions: int = 1  # of those, the first in-range ones on which it is also built at 1 mm
     neighbours: int = 0  # held-out neighbourhood size for centrality, 0: the bundle's N
     threads: int = 2
     figures: bool = True
@@ -292,8 +292,6 @@ def _truth(ctx: Context, values: dict) -> dict:
 def _pick_evenly(n_total: int, k: int) -> list[int]:
     if k <= 0:
         return []
-    if k == 1:
-        return [n_total // 2]
     if k >= n_total:
         return list(range(n_total))
     return sorted({int(round(x)) for x in np.linspace(0, n_total - 1, k)})
@@ -326,7 +324,9 @@ def run_evaluation(s: EvalSettings) -> dict:
     grid = condition_grid(s, ctx.spec, ctx.law)
     conv_idx = set(_pick_evenly(len(grid), s.conventional_conditions)) if "conventional" in methods else set()
     conv_factor = int(s.conventional_factor or ctx.factor)
-    conv1_idx = set(_pick_evenly(len(grid), s.conventional_1mm_conditions)) if CONVENTIONAL_1MM in methods else set()
+    # the 1 mm template (minutes each) on the first in-range conditions of the coarse one's, so both can be compared
+    shared = sorted(i for i in (conv_idx or range(len(grid))) if grid[i]["in_range"]) or sorted(conv_idx)
+    conv1_idx = set(shared[: max(s.conventional_1mm_conditions, 0)]) if CONVENTIONAL_1MM in methods else set()
     conv_n = int(s.conventional_neighbours or ctx.n_neighbours)
     seeds = [int(x) for x in s.seeds]
     rows, examples = [], {}
@@ -728,8 +728,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conventional-factor", type=int, default=0,
                    help="grid of the conventional template as a downsampling of 1 mm (default: the model's working grid)")
     p.add_argument("--conventional-1mm-conditions", type=int, default=d.conventional_1mm_conditions,
-                   help="conditions on which the conventional template is also built at 1 mm, the grid DiffDef's "
-                        "atlases are on (default 1; minutes each)")
+                   help="of the conventional template's conditions, how many (the first in-range ones) it is also "
+                        "built on at 1 mm, the grid DiffDef's atlases are on (default 1; minutes each; 0: none)")
     p.add_argument("--neighbours", type=int, default=0, help="held-out neighbourhood size for centrality (default: the model's N)")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (torch and SimpleITK, default 2)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
