@@ -10,7 +10,10 @@ sweep at one age; ages and volumes beyond the training range included), every me
 
 * methods: ``DiffDef`` (the model bundle), ``DiffDef, no MP loss`` (``--ablation``), ``MNI template``
   (identity), ``conventional`` (Gaussian-weighted neighbourhood of training subjects averaged by groupwise
-  SimpleITK demons registration, see :mod:`diffdef_training.baselines`), ``intensity generation`` (the
+  SimpleITK demons registration on the model's working grid, see :mod:`diffdef_training.baselines`),
+  ``conventional, 1 mm`` (the same neighbourhood and settings on the 1 mm grid DiffDef's atlases are on, on
+  ``--conventional-1mm-conditions`` conditions: the cost of a conventional atlas at DiffDef's resolution),
+  ``intensity generation`` (the
   autoencoder's image decoder on the same diffusion latents), plus the ``true atlas`` as a reference row;
 * metrics: Dice and HD95 (mm) per label (nearest-neighbour labels, 1 mm, the template's crop around the brain);
   ventricle volume against the one requested and tissue (GM + WM) volume against the law's B(a), in ml and %;
@@ -20,7 +23,8 @@ sweep at one age; ages and volumes beyond the training range included), every me
   averaged over the template's brain; folding ratio (% voxels with det J <= 0, whole 1 mm grid) and smoothness
   (mean |grad det J|, 1/mm, brain) of the atlas' deformation where the method has one; NCC and SSIM against the
   true atlas image, both multiplied by the true brain mask (so that skull-stripped baselines are not judged on
-  the scalp), 1 mm, on the true brain's bounding box (+3 voxels); wall time per atlas.
+  the scalp), 1 mm, on the true brain's bounding box (+3 voxels); wall time per atlas (DiffDef: the
+  ``AtlasGenerator.generate`` call as the CLI makes it, without the Jacobian map the metrics need).
 
 Writes ``evaluation.md`` (summary per method, the issue's targets for the main model, the MP-loss ablation and
 per-condition detail), ``evaluation.json`` (every number) and figures ``evaluation_atlases.png`` and
