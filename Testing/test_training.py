@@ -301,6 +301,15 @@ def test_decoder_volume_term_measures_the_warped_label(small_cohort):
     assert errors == []
 
 
+def test_last_losses_skip_steps_without_a_value(tmp_path):
+    """A log column can be NaN in a step (no volume asked): the exported losses keep its last finite value,
+    so model.json stays strict JSON."""
+    from diffdef_training.pipeline import _last_losses
+
+    (tmp_path / "log.csv").write_text("step,volume_abs_error_pct\n10,4.5\n20,nan\n")
+    assert _last_losses(tmp_path) == {"step": 20.0, "volume_abs_error_pct": 4.5}
+
+
 def test_bank_mixing_draws_conditions_independently(small_cohort):
     """With bank_mixing 0.5 the first half of the bank pairs each condition with another subject's values
     (combinations the cohort lacks); the second half keeps the subjects' own pairs; 0 keeps them all."""

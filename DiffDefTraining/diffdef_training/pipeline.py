@@ -6,6 +6,7 @@ reloaded; ``resume`` continues an interrupted stage from its latest checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import time
@@ -108,8 +109,10 @@ def _last_losses(stage_dir: Path) -> dict:
         return {}
     import csv
 
-    rows = list(csv.DictReader(open(log)))
-    return {k: float(v) for k, v in rows[-1].items()} if rows else {}
+    last = {}  # per column, the last finite value (a column can be NaN in a step, e.g. no volume was asked)
+    for row in csv.DictReader(open(log)):
+        last.update({k: float(v) for k, v in row.items() if v not in (None, "") and math.isfinite(float(v))})
+    return last
 
 
 def stages_needed(only) -> tuple:
