@@ -167,5 +167,5 @@ def save_bundle(path, meta: dict, nets: dict, overwrite: bool = False) -> Path:
             save_file(state, str(tmp))
         meta["weights"][name] = {"file": file.name, "sha256": sha256(file)}
     with atomic_path(path / "model.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1, allow_nan=False)  # strict JSON: NaN is not JSON)
+        tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))  # strict JSON: NaN is not JSON
     return path
