@@ -194,6 +194,13 @@ def _build_onto(default, data: dict, prefix: str):
     return type(default)(**base)
 
 
+def _check_label(label, what: str) -> None:
+    """Refuse anything but the value of a template label other than background."""
+    if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
+        raise ConfigError(f"{what}, one of " + ", ".join(f"{v} ({n})" for v, n in LABEL_NAMES.items() if v)
+                          + f"; got {label!r}.")
+
+
 def _validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("autoencoder", "diffusion", "registration", "decoder"):
         s = cfg.stage(name)
@@ -207,13 +214,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for name, label in cfg.decoder.volume_labels.items():
         if name not in cfg.cohort.conditions:
             raise ConfigError(f"decoder.volume_labels names {name!r}, which is not in cohort.conditions {cfg.cohort.conditions}.")
-        if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
-            raise ConfigError(f"decoder.volume_labels.{name} must be a template label value, one of "
-                              + ", ".join(f"{v} ({n})" for v, n in LABEL_NAMES.items() if v) + f"; got {label!r}.")
+        _check_label(label, f"decoder.volume_labels.{name} must be a template label value")
     for label in cfg.decoder.neighbourhood_volume_labels:
-        if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
-            raise ConfigError("decoder.neighbourhood_volume_labels must list template label values, from "
-                              + ", ".join(f"{v} ({n})" for v, n in LABEL_NAMES.items() if v) + f"; got {label!r}.")
+        _check_label(label, "decoder.neighbourhood_volume_labels must list template label values")
     clash = set(cfg.decoder.neighbourhood_volume_labels) & set(cfg.decoder.volume_labels.values())
     if clash:
         raise ConfigError(f"Label {sorted(clash)[0]} is in both decoder.volume_labels (its volume is a condition) "

@@ -245,18 +245,19 @@ class DecoderObjective:
         self.volume_columns = [(names.index(n), cohort.spec.conditions[names.index(n)].mean,
                                 cohort.spec.conditions[names.index(n)].sd) for n in cfg.decoder.volume_labels]
         self.volume_fractions = cohort.template_fractions[:, list(cfg.decoder.volume_labels.values())].to(device)
-        self.voxel_ml = float(np.prod(cohort.grid.spacing)) / 1000.0
+        self.voxel_ml = cohort.grid.voxel_volume_ml
         labels = list(cfg.decoder.neighbourhood_volume_labels)
         self.neighbourhood_fractions = cohort.template_fractions[:, labels].to(device)  # (1, V, ...)
         if labels:
             if cohort.labels is None:
                 raise ValueError("decoder.neighbourhood_volume_labels needs label maps for every cohort subject "
                                  "(a 'labels' column in the manifest); remove the key or add the label maps.")
-            template_hard = F.one_hot(cohort.template_fractions.argmax(1), cohort.template_fractions.shape[1])
-            template_hard = template_hard.permute(0, 4, 1, 2, 3)[:, labels].sum(dim=(2, 3, 4)).float()  # (1, V)
+            template_hard = fields.one_hot(cohort.template_fractions.argmax(1, keepdim=True),
+                                           cohort.template_fractions.shape[1])[:, labels].sum(dim=(2, 3, 4))  # (1, V)
             # each subject's label volumes relative to the template's, both from hard label maps: (N, V)
             self.neighbourhood_ratios = cohort.labels[:, labels].sum(dim=(2, 3, 4)).float() / template_hard
             self.template_soft = self.neighbourhood_fractions.sum(dim=(0, 2, 3, 4))  # (V,) voxels
+        self.has_volume_terms = bool(self.volume_columns or labels)
 
     def atlas(self, velocity) -> tuple[torch.Tensor, torch.Tensor]:
         """The template warped by the integrated velocity, and the displacement (working-grid voxels)."""
@@ -322,18 +323,16 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
             g = sample_generator(cfg.seed + 4, step * dcfg.accumulate + micro, i)
             nb = cohort.images[objective.neighbours(bank_conds[i], g)].to(ctx.device)
             t = objective.terms(velocity[b : b + 1], atlas[b : b + 1], nb, centrality_grad=dcfg.mp_loss)
-            t["volume"], errors = objective.volume(disp[b : b + 1], cond[b])
-            volume_errors += errors
-            nb_term, errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
-            t["volume"] = t["volume"] + nb_term
-            neighbourhood_errors += errors
             loss = dcfg.sim_weight * t["similarity"] + dcfg.smooth_weight * t["smoothness"]
             if dcfg.mp_loss:
                 loss = loss + dcfg.mp_weight * t["centrality"]
-            if objective.volume_columns or neighbourhood_errors:
+            if objective.has_volume_terms:
+                requested, errors = objective.volume(disp[b : b + 1], cond[b])
+                volume_errors += errors
+                kept, errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
+                neighbourhood_errors += errors
+                t["volume"] = requested + kept
                 loss = loss + dcfg.volume_weight * t["volume"]
-            else:
-                del t["volume"]
             total = total + loss / len(idx)
             for k, v in t.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / len(idx)
