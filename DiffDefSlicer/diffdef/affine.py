@@ -23,7 +23,6 @@ registration network compare it with.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -60,17 +59,6 @@ class AffineOptions:
     seed: int = 0  # sampling seed of the metric: same seed, same transform
     fixed_mask_threshold: float = 0.02  # the metric is sampled where the fixed image exceeds this (dilated 2 voxels)
 
-    @classmethod
-    def from_object(cls, obj) -> "AffineOptions":
-        """Take the fields this class knows from any object having them as attributes (e.g. the cohort's
-        ``PreprocessOptions``); missing ones keep their defaults."""
-        if obj is None:
-            return cls()
-        if isinstance(obj, cls):
-            return obj
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: getattr(obj, n) for n in names if hasattr(obj, n)})
-
 
 def resample_to_spacing(image, spacing_mm: float):
     """Smooth (anti-alias) and resample a SimpleITK image to an isotropic spacing, same extent and orientation."""
@@ -92,11 +80,11 @@ def resample_to_spacing(image, spacing_mm: float):
 
 def register_affine(fixed, moving, options: AffineOptions | None = None):
     """Affine registration of ``moving`` to ``fixed`` (both SimpleITK images; ``fixed`` may already be at the
-    registration spacing, then it is used as is). ``options``: :class:`AffineOptions` or any object with its
-    fields. Returns ``(sitk.AffineTransform fixed LPS point -> moving LPS point, info dict)``; raises
-    ``RuntimeError`` when SimpleITK fails."""
+    registration spacing, then it is used as is). ``options``: :class:`AffineOptions` (or a subclass such as the
+    cohort's ``PreprocessOptions``), defaults when None. Returns ``(sitk.AffineTransform fixed LPS point -> moving
+    LPS point, info dict)``; raises ``RuntimeError`` when SimpleITK fails."""
     sitk = _sitk()
-    o = AffineOptions.from_object(options)
+    o = options or AffineOptions()
     fixed_r = resample_to_spacing(sitk.Cast(fixed, sitk.sitkFloat32), o.registration_spacing_mm)
     moving_r = resample_to_spacing(sitk.Cast(moving, sitk.sitkFloat32), o.registration_spacing_mm)
     initial = sitk.CenteredTransformInitializer(fixed_r, moving_r, sitk.AffineTransform(3),

@@ -312,7 +312,7 @@ def compare_subject(generator: AtlasGenerator, subject: np.ndarray, subject_grid
     # 2. affine
     step(0.4, "Affine registration of the subject to the atlas (SimpleITK)")
     t = time.perf_counter()
-    options = dataclasses.replace(affine_mod.AffineOptions.from_object(affine_options), seed=int(seed))
+    options = dataclasses.replace(affine_options or affine_mod.AffineOptions(), seed=int(seed))
     transform, info = affine_mod.register_subject(subject, subject_grid, atlas.t1, grid, options)
     affine_ras = affine_mod.transform_to_ras(transform)
     aligned = affine_mod.resample_into(subject, subject_grid, transform, grid)

@@ -279,21 +279,14 @@ def read_manifest(path, conditions: Sequence[str], require_labels: bool = False,
 
 
 @dataclass(frozen=True)
-class PreprocessOptions:
-    """Everything that changes the output of :func:`preprocess_subject` (it is part of the cache key)."""
+class PreprocessOptions(AffineOptions):
+    """Everything that changes the output of :func:`preprocess_subject` (it is part of the cache key): the affine
+    registration's settings (inherited) and the steps around it."""
 
     factor: int = DEFAULT_FACTOR  # working grid = 1 mm template crop downsampled by this factor
     n4: bool = False  # N4 bias-field correction
     n4_shrink: int = 4  # N4 is fitted on the image shrunk by this factor
     n4_iterations: tuple[int, ...] = (30, 30, 20)
-    registration_spacing_mm: float = 3.0  # both images are resampled to this spacing for the registration
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
-    iterations: int = 100  # per level
-    histogram_bins: int = 32
-    sampling_percentage: float = 0.5
-    learning_rate: float = 2.0  # mm of physical shift per step at the start
-    seed: int = 0  # sampling seed of the metric: same seed, same transform
     percentiles: tuple[float, float] = (0.5, 99.5)  # intensity normalisation within the brain
     match_template: bool = True  # map the percentiles onto the template's own (else onto 0 and 1)
     keep_fine: bool = False  # also keep the 1 mm crop (T1 + labels)
@@ -399,7 +392,7 @@ def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions 
     # the fixed image is resampled to the registration spacing once per process (register_affine then keeps it)
     try:
         transform, info = register_affine(_fixed_image(template, options.registration_spacing_mm), moving,
-                                          AffineOptions.from_object(options))
+                                          options)
     except RuntimeError as exc:
         raise RuntimeError(f"Affine registration of {image_path} to the template failed: "
                            f"{str(exc).strip().splitlines()[-1]}") from exc
