@@ -18,7 +18,8 @@ from diffdef.template import GM, VENTRICLES, WM, load_template
 from diffdef_training import synthetic
 from diffdef_training.cohort import PreprocessOptions, preprocess_subject, read_manifest
 from diffdef_training.synthetic import (AGE_RANGE, SyntheticCohort, age_bin_table, default_law, drawn_conditions,
-                                        export_cohort, lognormal_mean, measure_subjects, median_ventricle_volume)
+                                        export_cohort, label_map_bias, lognormal_mean, measure_subjects,
+                                        median_ventricle_volume)
 from test_cohort import dice  # the real-cohort tests' helper
 
 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
@@ -95,6 +96,16 @@ def test_tissue_follows_b_of_a(sample):
     assert np.all(np.abs(np.array(ratios) - 1) < 0.015), ratios
     assert sample[:, 4].mean() / sample[:, 3].mean() == pytest.approx(1.0, abs=0.005)
     assert np.std(sample[:, 4] / sample[:, 3]) < 0.02
+
+
+def test_label_map_bias_of_thin_structures(sample, law):
+    """Majority-vote (hard) labels on the 4 mm grid overstate GM and understate WM relative to the template,
+    against the label fractions (the reason the shipped decoder has no GM/WM neighbourhood-volume term); the
+    fractions' own columns sum to the tissue column."""
+    assert sample[:, 6] + sample[:, 8] == pytest.approx(sample[:, 4], rel=1e-4)
+    bias = label_map_bias(sample, law=law)
+    print(bias)
+    assert 1.0 < bias["GM"] < 6.0 and -6.0 < bias["WM"] < -1.0
 
 
 @pytest.mark.parametrize("age, volume", [(45.0, 8.0), (82.0, 20.0), (63.5, 40.0), (82.0, 80.0)])

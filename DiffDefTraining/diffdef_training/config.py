@@ -74,7 +74,7 @@ class DecoderConfig(StageConfig):
     condition_dropout: float = 0.15  # per condition, for the latent bank
     bank_mixing: float = 0.0  # fraction of the bank whose conditions are drawn independently of each other (covers combinations the cohort lacks)
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
-    neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]
+    neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]; majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model leaves it empty
     volume_weight: float = 1.0  # weight of the volume terms (squared log ratios of atlas to requested / neighbourhood volume)
 
 

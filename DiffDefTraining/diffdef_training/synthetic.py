@@ -419,7 +419,8 @@ def lognormal_mean(age) -> np.ndarray:
 
 def measure_subjects(size: int, seed: int = 0, factor: int | None = LAW_FACTOR, offset: int = 0,
                      progress: bool = False, law: SyntheticLaw | None = None) -> np.ndarray:
-    """Per subject: [age, V drawn, V measured, B(a), tissue measured (label fractions), tissue (hard labels)]."""
+    """Per subject: [age, V drawn, V measured, B(a), tissue measured (label fractions), tissue (hard labels),
+    GM (fractions), GM (hard labels), WM (fractions), WM (hard labels)], volumes in ml."""
     from tqdm import tqdm
 
     law = law or default_law()
@@ -428,9 +429,26 @@ def measure_subjects(size: int, seed: int = 0, factor: int | None = LAW_FACTOR, 
         s = law.subject(seed, i, factor)
         vox = _grid_of(law, factor).voxel_volume_ml
         hard = float(((s.labels == GM) | (s.labels == WM)).sum()) * vox
+        per_label = [float(v) * vox for lab in (GM, WM) for v in (s.fractions[lab].sum(), (s.labels == lab).sum())]
         rows.append([s.law["age"], s.law["ventricle_volume"], s.conditions["ventricle_volume"],
-                     s.law["tissue_volume"], s.law["measured_tissue_volume"], hard])
+                     s.law["tissue_volume"], s.law["measured_tissue_volume"], hard] + per_label)
     return np.array(rows)
+
+
+def label_map_bias(m: np.ndarray, factor: int | None = LAW_FACTOR, law: SyntheticLaw | None = None) -> dict:
+    """Mean bias (%) of GM and WM volumes relative to the template's when both are counted on hard label maps
+    (the argmax of the fractions: what a cohort's majority-vote label maps give) instead of label fractions,
+    over :func:`measure_subjects` rows ``m`` of that grid. It is what a neighbourhood-volume target computed from
+    working-grid label maps is off by."""
+    law = law or default_law()
+    _, frac, _ = law._template_on(factor)
+    hard = frac.argmax(1)[0]
+    out = {}
+    for name, lab, col in (("GM", GM, 6), ("WM", WM, 8)):
+        template_soft, template_hard = float(frac[0, lab].sum()), float((hard == lab).sum())
+        ratio = (m[:, col + 1] / template_hard) / (m[:, col] / template_soft)  # voxel size cancels
+        out[name] = float(100 * (ratio.mean() - 1))
+    return out
 
 
 def age_bin_table(m: np.ndarray, bins=AGE_BINS) -> list[dict]:
@@ -475,7 +493,10 @@ def print_stats(size: int = 500, seed: int = 0, fine: int = 10, volumes=(8, 12, 
               f"{r['tissue']:7.1f} {r['b']:7.1f} {r['tissue'] / r['b']:6.4f} {r['tissue_hard'] / r['b']:8.4f}")
     print(f"per subject: measured/drawn V {np.mean(m[:, 2] / m[:, 1]):.3f} (sd {np.std(m[:, 2] / m[:, 1]):.3f}); "
           f"tissue/B(a) {np.mean(m[:, 4] / m[:, 3]):.4f} (sd {np.std(m[:, 4] / m[:, 3]):.4f})")
-    result = {"working": m, "bins": rows}
+    bias = label_map_bias(m, LAW_FACTOR, law)
+    print(f"label-map bias: GM {bias['GM']:+.2f} %, WM {bias['WM']:+.2f} % (volume relative to the template's, "
+          f"hard labels vs fractions)")
+    result = {"working": m, "bins": rows, "label_map_bias": bias}
     if fine:
         t0 = time.perf_counter()
         mf = measure_subjects(fine, seed, None, progress=progress, law=law)
