@@ -111,7 +111,8 @@ def _last_losses(stage_dir: Path) -> dict:
 
     last = {}  # per column, the last finite value (a column can be NaN in a step, e.g. no volume was asked)
     for row in csv.DictReader(open(log)):
-        last.update({k: float(v) for k, v in row.items() if v not in (None, "") and math.isfinite(float(v))})
+        values = {k: float(v) for k, v in row.items() if v not in (None, "")}
+        last.update({k: v for k, v in values.items() if math.isfinite(v)})
     return last
 
 

@@ -428,10 +428,10 @@ def measure_subjects(size: int, seed: int = 0, factor: int | None = LAW_FACTOR, 
     for i in tqdm(range(offset, offset + size), desc=f"measuring ({_factor_name(factor)})", disable=not progress):
         s = law.subject(seed, i, factor)
         vox = _grid_of(law, factor).voxel_volume_ml
-        hard = float(((s.labels == GM) | (s.labels == WM)).sum()) * vox
-        per_label = [float(v) * vox for lab in (GM, WM) for v in (s.fractions[lab].sum(), (s.labels == lab).sum())]
-        rows.append([s.law["age"], s.law["ventricle_volume"], s.conditions["ventricle_volume"],
-                     s.law["tissue_volume"], s.law["measured_tissue_volume"], hard] + per_label)
+        gm_soft, gm_hard, wm_soft, wm_hard = (float(v) * vox for lab in (GM, WM)
+                                              for v in (s.fractions[lab].sum(), (s.labels == lab).sum()))
+        rows.append([s.law["age"], s.law["ventricle_volume"], s.conditions["ventricle_volume"], s.law["tissue_volume"],
+                     s.law["measured_tissue_volume"], gm_hard + wm_hard, gm_soft, gm_hard, wm_soft, wm_hard])
     return np.array(rows)
 
 
