@@ -1,4 +1,5 @@
-"""Smoke test of the registration report (issue 5): tiny bundle, 2 held-out pairs, few demons iterations."""
+"""Smoke tests of the registration report (issue 5: tiny bundle, 2 held-out pairs, few demons iterations) and of
+the centrality-bias measurement."""
 from __future__ import annotations
 
 import math
@@ -28,3 +29,31 @@ def test_eval_registration_values(tiny_bundle):
         assert all(0.0 <= d <= 1.0 for d in r["dice"].values() if not math.isnan(d))
         assert 0.0 <= r["folding"] <= 100.0
     assert rows[("all", "network")]["folding"] == 0.0  # scaling and squaring of a smooth velocity
+
+
+def test_centrality_bias_smoke(tiny_bundle, tmp_path, capsys):
+    from diffdef_training.centrality_bias import COLUMNS, main
+
+    out = tmp_path / "bias.md"
+    assert main(["--model", str(tiny_bundle), "--conditions", "60,70:30", "--neighbours", "4", "--pool", "6",
+                 "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 60 ") or line.startswith("| 70 ")]
+    assert len(rows) == 2 and rows[1].startswith("| 70 | 30.0 |")
+    for row in rows:
+        values = [float(v) for v in row.strip("| ").split(" | ")[2:]]
+        assert len(values) == len(COLUMNS) and all(math.isfinite(v) for v in values)
+        assert all(v >= 0 for v in values[:5])  # RMS norms, mm
+    assert "| 60 |" in capsys.readouterr().out
+
+
+def test_centrality_bias_refuses_bad_conditions(tmp_path, capsys):
+    import pytest
+
+    from diffdef_training.centrality_bias import main
+
+    for bad in ("50:-3", "nan", "fifty"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--conditions", bad, "--out", str(tmp_path / "x.md")])
+        assert exc.value.code == 2
+    assert "AGE or AGE:VOLUME" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()

@@ -49,6 +49,17 @@ def test_deterministic_per_seed_and_index(law):
     assert drawn_conditions(7, 3, law) == (a.law["age"], a.law["ventricle_volume"])
 
 
+def test_subject_displacement_is_the_subjects(law):
+    """``subject_displacement`` (the centrality-bias measurement's ground truth) is the displacement that made the
+    subject: warping the template's fractions with it gives the subject's fractions exactly."""
+    from diffdef import fields
+
+    subject = law.subject(7, 3, factor=4)
+    _, frac = law.template.on_working_grid(4)
+    disp = law.subject_displacement(7, 3, law.template.working_grid(4).grid)
+    assert torch.equal(fields.warp_probabilities(frac, disp)[0], subject.fractions)
+
+
 def test_law_draws_follow_m_of_a(law):
     """The draws themselves (cheap, 20000 of them): median V per age bin = m(a), mean = the log-normal mean."""
     rng = np.random.default_rng(1)

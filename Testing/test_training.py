@@ -268,6 +268,43 @@ def test_decoder_objective_terms(small_cohort):
     assert velocity.grad is not None and velocity.grad.abs().sum() > 0  # usable as a loss
 
 
+class _BiasedRegistration(torch.nn.Module):
+    """A stand-in registration network: velocity = true part + bias, the true part antisymmetric in
+    (moving, fixed) (their intensity difference along axis 0), the bias a constant that ignores the direction."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, moving, fixed):
+        true = torch.zeros(len(fixed), 3, *fixed.shape[2:])
+        true[:, 0] = 0.05 * (fixed - moving)[:, 0]
+        return true + self.bias
+
+
+def test_symmetric_centrality_cancels_a_direction_independent_bias(small_cohort):
+    """With ``decoder.symmetric_centrality`` the mean displacement is (u(atlas->n) - u(n->atlas)) / 2: a bias
+    that both directions share cancels, the antisymmetric part is kept; the forward form keeps the bias."""
+    velocity = torch.zeros(1, 3, *small_cohort.images.shape[2:])
+    nb = small_cohort.images[:3]
+    means = {}
+    for symmetric in (False, True):
+        cfg = load_config(None, {**SMALL, "decoder": {"symmetric_centrality": symmetric}})
+        for bias in (0.0, 0.2):
+            objective = stages.DecoderObjective(cfg, small_cohort, _BiasedRegistration(bias), "cpu")
+            atlas, _ = objective.atlas(velocity)
+            means[symmetric, bias] = objective.mean_displacement(atlas, nb)
+    bias_mm = 0.2 * float(small_cohort.grid.spacing[0])
+    forward_shift = (means[False, 0.2] - means[False, 0.0]).abs().mean()
+    symmetric_shift = (means[True, 0.2] - means[True, 0.0]).abs().max()
+    print(f"bias {bias_mm} mm: forward shift {float(forward_shift):.4f}, symmetric {float(symmetric_shift):.5f}")
+    assert forward_shift == pytest.approx(bias_mm, rel=0.05)
+    # exp(v + b) is not exp(v) + b where v varies: the bias cancels to first order only
+    assert symmetric_shift < 0.05 * bias_mm
+    true = means[True, 0.0].abs().max()
+    assert true > 1e-3 and (means[True, 0.0] - means[False, 0.0]).abs().max() < 0.05 * true  # the true part is kept
+
+
 def test_decoder_volume_term_measures_the_warped_label(small_cohort):
     """The volume term against hand values: the identity keeps the template's ventricles (the working-grid
     fraction sum, 16.9 ml at 1 mm); a uniform scaling about the centre by s multiplies the volume by s^3."""

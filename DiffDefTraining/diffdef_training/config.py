@@ -68,6 +68,7 @@ class DecoderConfig(StageConfig):
     sigma: float = 0.3  # Gaussian width on the normalised condition distance
     mp_loss: bool = True  # morphology-preservation (centrality) term; False = ablation
     mp_weight: float = 1.0  # weight of the centrality term
+    symmetric_centrality: bool = False  # centrality from both registration directions, (u(atlas->n) - u(n->atlas)) / 2: cancels the network's direction-independent bias (a forward pass more per neighbour)
     sim_weight: float = 1.0  # weight of the LNCC similarity to the neighbours
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model

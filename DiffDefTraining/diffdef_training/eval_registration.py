@@ -33,6 +33,7 @@ import torch
 from diffdef import fields, metrics
 from diffdef.bundle import load_bundle
 from diffdef.geometry import Grid, displacement_from_mm, from_sitk, to_sitk
+from diffdef.io import atomic_path
 from diffdef.template import LABEL_NAMES, NUM_LABELS, load_template
 
 from .baselines import _demons
@@ -253,7 +254,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report(result, command, total))
+        with atomic_path(out, overwrite=True) as tmp:
+            tmp.write_text(report(result, command, total))
         print(f"wrote {out}")
     return 0
 

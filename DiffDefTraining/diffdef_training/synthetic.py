@@ -185,12 +185,21 @@ class SyntheticLaw:
         t1, frac = self.template.on_working_grid(factor)
         return t1, frac, self.template.working_grid(factor).grid
 
-    def subject(self, seed: int, index: int, factor: int | None = LAW_FACTOR) -> Subject:
-        """Subject ``index`` of cohort ``seed``, deterministic; on the working grid of ``factor`` (None: 1 mm)."""
+    def _draw_subject(self, seed: int, index: int):
+        """The draws of subject ``index`` of cohort ``seed``: (rng, generator) left for the image noise, age,
+        the law's ventricle volume, and the velocity (law grid, voxels)."""
         rng = np.random.default_rng([seed, index])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         age, v_law = self.draw_conditions(rng)
-        velocity = self.condition_velocity(age, v_law) + self.individual_velocity(gen)
+        return rng, gen, age, v_law, self.condition_velocity(age, v_law) + self.individual_velocity(gen)
+
+    def subject_displacement(self, seed: int, index: int, grid: Grid) -> torch.Tensor:
+        """The true displacement (template -> subject, pull-back, voxels of ``grid``) of subject ``index``."""
+        return self.displacement(self._draw_subject(seed, index)[-1], grid)
+
+    def subject(self, seed: int, index: int, factor: int | None = LAW_FACTOR) -> Subject:
+        """Subject ``index`` of cohort ``seed``, deterministic; on the working grid of ``factor`` (None: 1 mm)."""
+        rng, gen, age, v_law, velocity = self._draw_subject(seed, index)
         t1, frac, grid = self._template_on(factor)
         disp = self.displacement(velocity, grid)
         image = fields.warp_image(t1, disp)

@@ -1,0 +1,139 @@
+"""How biased is the centrality that the decoder minimises? Measured against the synthetic law.
+
+``python -m diffdef_training.centrality_bias --model DIR --conditions 50,80,65:60 --neighbours 200``
+
+For each condition (age, ventricle volume; the law's median volume when omitted), the law's *true* atlas on the
+bundle's working grid is registered by the bundle's network to ``--neighbours`` subjects drawn, with replacement
+and Gaussian weights (the decoder's ``sigma``), from ``--pool`` held-out synthetic subjects. With u_n the network's
+displacement atlas -> n, w_n the one n -> atlas and t_n - t_a the law's displacement of n relative to the atlas
+(template -> subject minus template -> atlas, first order), all in mm, it prints the RMS over the template's brain
+of these means over n:
+
+* ``forward`` mean u_n and ``symmetric`` mean (u_n - w_n) / 2: the two centrality estimates
+  (``decoder.symmetric_centrality``) at the true atlas;
+* ``law`` mean (t_n - t_a): what a perfect registration would give (neighbourhood skew and sampling noise);
+* ``bias forward`` mean (u_n - (t_n - t_a)) and ``bias symmetric`` mean ((u_n - w_n) / 2 - (t_n - t_a)): the
+  network's systematic error, which the decoder learns to cancel by moving the atlas away from the truth;
+* ``recovered``: <u, t - t_a> / |t - t_a|^2 over all neighbours and brain voxels, the fraction of the law's
+  displacement the network recovers (displacement inside uniform tissue is invisible to any image registration).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffdef import fields
+from diffdef.bundle import load_bundle
+from diffdef.io import atomic_path
+from diffdef.template import load_template
+
+from .stages import neighbourhood_weights
+from .synthetic import SyntheticCohort, default_law, median_ventricle_volume
+
+POOL_OFFSET = 400  # the held-out subjects of the shipped cohort (training uses indices 0..399)
+COLUMNS = ("forward", "symmetric", "law", "bias forward", "bias symmetric", "recovered")
+
+
+def _parse_conditions(text: str) -> list[tuple[float, float]]:
+    out = []
+    for item in text.split(","):
+        age, _, volume = item.partition(":")
+        a = float(age)
+        v = float(volume) if volume else float(median_ventricle_volume(a))
+        if not (np.isfinite(a) and np.isfinite(v) and v > 0):
+            raise ValueError(f"Bad condition {item!r}: give AGE or AGE:VOLUME (years, ml > 0).")
+        out.append((a, v))
+    return out
+
+
+@torch.no_grad()
+def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool: int = 400, seed: int = 0,
+            progress: bool = True) -> list[dict]:
+    """One row per condition (keys: age, ventricle_volume and :data:`COLUMNS`, mm except ``recovered``)."""
+    bundle = load_bundle(model, networks_wanted=("registration",))
+    net = bundle.nets["registration"].eval()
+    spec, grid = bundle.spec, bundle.working_grid
+    if [c.name for c in spec.conditions] != ["age", "ventricle_volume"]:
+        raise ValueError(f"The bundle's conditions are {[c.name for c in spec.conditions]}; this measurement needs the synthetic cohort's "
+                         "(age, ventricle_volume).")
+    factor = int(bundle.meta["working_grid"]["factor"])
+    sigma = float(bundle.meta["provenance"]["sigma"])
+    law = default_law()
+    t1, frac = load_template().on_working_grid(factor)
+    mask = (frac[:, 1:].sum(1, keepdim=True) > 0.5).float()
+    spacing = float(grid.spacing[0])
+    subjects = SyntheticCohort(pool, seed, factor, offset=POOL_OFFSET)
+    items = [subjects[i] for i in tqdm(range(pool), desc="synthesising the pool", disable=not progress)]
+    images = torch.stack([it["image"] for it in items]).float()
+    pool_conditions = spec.normalise_tensor(torch.stack([it["conditions"] for it in items]))
+
+    def rms(d):  # (1, 3, ...) mm -> RMS norm over the brain
+        return float(((d.pow(2).sum(1, keepdim=True) * mask).sum() / mask.sum()).sqrt())
+
+    rows = []
+    for age, volume in conditions:
+        volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
+        w = neighbourhood_weights(spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1), pool_conditions, sigma)
+        idx = torch.multinomial(w, neighbours, replacement=True, generator=torch.Generator().manual_seed(seed))
+        truth = law.true_atlas(age, volume, factor=factor)["displacement"]
+        atlas = fields.warp_image(t1, truth)
+        fw = bw = rel = 0.0
+        dot = norm = 0.0
+        for chunk in tqdm(idx.split(20), desc=f"{age:g} y, {volume:.1f} ml", disable=not progress):
+            atlases = atlas.expand(len(chunk), -1, -1, -1, -1)
+            u = fields.integrate_velocity(net(atlases, images[chunk]).float()) * spacing
+            v = fields.integrate_velocity(net(images[chunk], atlases).float()) * spacing
+            t = torch.cat([law.subject_displacement(seed, POOL_OFFSET + int(i), grid) for i in chunk]) * spacing - truth * spacing
+            fw, bw, rel = fw + u.sum(0, keepdim=True), bw + v.sum(0, keepdim=True), rel + t.sum(0, keepdim=True)
+            dot, norm = dot + float((u * t * mask).sum()), norm + float((t.pow(2) * mask).sum())
+        fw, bw, rel = fw / neighbours, bw / neighbours, rel / neighbours
+        rows.append({"age": age, "ventricle_volume": volume, "forward": rms(fw), "symmetric": rms((fw - bw) / 2),
+                     "law": rms(rel), "bias forward": rms(fw - rel), "bias symmetric": rms((fw - bw) / 2 - rel),
+                     "recovered": dot / norm})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| age | V (ml) | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (2 + len(COLUMNS)) + "\n"
+    return head + "".join(f"| {r['age']:g} | {r['ventricle_volume']:.1f} | "
+                          + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |\n" for r in rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffdef_training.centrality_bias", description=__doc__.split("\n\n")[0],
+                                 epilog="Example: python -m diffdef_training.centrality_bias --conditions 50,80,65:60")
+    ap.add_argument("--model", default=None, help="bundle folder (default: the shipped model)")
+    ap.add_argument("--conditions", default="50,80,65:60",
+                    help="comma-separated AGE or AGE:VOLUME (years; ml, default the law's median at that age)")
+    ap.add_argument("--neighbours", type=int, default=200, help="neighbours drawn per condition (with replacement)")
+    ap.add_argument("--pool", type=int, default=400, help="held-out synthetic subjects to draw them from")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic cohort seed and draw seed")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", default=None, help="Markdown file to write (replaced atomically)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.neighbours < 1 or a.pool < 1:
+        ap.error("--neighbours and --pool must be at least 1")
+    try:
+        conditions = _parse_conditions(a.conditions)
+    except ValueError as exc:
+        ap.error(str(exc))
+    torch.set_num_threads(a.threads)
+    t = time.perf_counter()
+    rows = measure(a.model, conditions, a.neighbours, a.pool, a.seed, progress=not a.no_progress)
+    text = table(rows)
+    print(text + f"\n{time.perf_counter() - t:.0f} s")
+    if a.out:
+        with atomic_path(Path(a.out), overwrite=True) as tmp:
+            tmp.write_text(f"# Bias of the centrality estimate\n\n{__doc__}\n"
+                           f"Command: `python -m diffdef_training.centrality_bias {' '.join(argv or [])}`\n\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
