@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffdef import fields
+
 from diffdef_training import stages
 from diffdef_training.config import ConfigError, load_config
 from diffdef_training.engine import CheckpointError, RunContext
@@ -266,6 +268,35 @@ def test_decoder_objective_terms(small_cohort):
     assert terms["centrality"].ndim == 0 and float(terms["centrality"]) >= 0
     terms["centrality"].backward()
     assert velocity.grad is not None and velocity.grad.abs().sum() > 0  # usable as a loss
+
+
+def test_volume_on_template_grid_measures_as_the_evaluation(small_cohort):
+    """With ``volume_on_template_grid`` the volume term reads the atlas's ventricles as the evaluation does (1 mm
+    labels warped by the displacement resampled to 1 mm); the working-grid fractions read a large expansion short."""
+    from diffdef.networks import RegistrationNet
+    from diffdef.template import load_template
+    from diffdef_training.synthetic import default_law
+
+    law, template = default_law(), load_template()
+    grid = small_cohort.grid
+    alpha, _ = law.coefficients(65.0, 60.0)
+    disp = law.displacement(alpha * law.e_vent, grid).requires_grad_(True)  # the law's ventricles at 60 ml
+    truth = template.label_volumes_ml(fields.warp_labels(
+        template.labels_tensor(), fields.resample_displacement(disp.detach(), grid, template.grid))[0, 0].numpy())
+    truth = truth["lateral ventricles"]
+    volumes = {}
+    for fine in (False, True):
+        cfg = load_config(None, {**SMALL, "decoder": {"volume_labels": {"ventricle_volume": 4},
+                                                      "volume_on_template_grid": fine}})
+        objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+        volumes[fine] = objective.label_volumes(disp, [0])[0]
+        assert float(objective.label_volumes(torch.zeros_like(disp), [0])[0]) == pytest.approx(
+            template.label_volumes_ml()["lateral ventricles"], rel=0.02)
+    print(f"1 mm labels {truth:.2f} ml; template grid {volumes[True].item():.2f}, working grid {volumes[False].item():.2f}")
+    assert volumes[True].item() == pytest.approx(truth, rel=0.01)
+    assert abs(volumes[False].item() - truth) > 3 * abs(volumes[True].item() - truth)
+    volumes[True].backward()
+    assert disp.grad.abs().sum() > 0  # differentiable in the displacement
 
 
 class _BiasedRegistration(torch.nn.Module):
