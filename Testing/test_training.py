@@ -444,3 +444,39 @@ def test_docs_schema_table_is_current():
     assert schema_table() in docs
     for words in ("--nproc_per_node 4", "--nnodes", "--node_rank", "--rdzv_endpoint", "NCCL", "gloo", "amp", "--resume"):
         assert words in docs
+
+
+def test_shipped_variants_differ_from_shipped_only_where_they_say():
+    """Every config in configs/ loads; the ablation and the comparison run share everything with shipped.yaml but
+    their output and the decoder keys they are about (a change to shipped.yaml must reach them too)."""
+    configs = ROOT / "DiffDefTraining" / "configs"
+    for path in configs.glob("*.yaml"):
+        load_config(path)
+    shipped = load_config(configs / "shipped.yaml").to_dict()
+    allowed = {"shipped-no-mp.yaml": {"mp_loss"},
+               "shipped-symmetric.yaml": {"symmetric_centrality", "volume_on_template_grid"}}
+    for name, keys in allowed.items():
+        variant = load_config(configs / name).to_dict()
+        assert variant["output"] != shipped["output"]
+        assert {k: v for k, v in variant.items() if k not in ("output", "decoder")} == \
+            {k: v for k, v in shipped.items() if k not in ("output", "decoder")}
+        differing = {k for k in shipped["decoder"] if variant["decoder"][k] != shipped["decoder"][k]}
+        assert differing == keys, name
+
+
+def test_added_options_at_their_default_keep_finished_runs_current():
+    """Options added after models were trained (``config.ADDED``) are left out of the run hash and the checkpoint
+    key while at their default: tiny.yaml's decoder hash and key are the ones computed before those options
+    existed (commit 6c3efb1), so finished stages and checkpoints stay current; setting one changes both."""
+    from diffdef_training.config import settings_key
+    from diffdef_training.pipeline import _DEPENDS
+
+    cfg = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml")
+    sections = ("architecture", *_DEPENDS["decoder"])
+    assert cfg.hash(*sections) == "50921aaf6f53d549"
+    key = settings_key(cfg.decoder)
+    assert key.startswith("DecoderConfig(steps=3, ") and "symmetric_centrality" not in key and key.endswith("volume_weight=1.0)")
+    for option in ("symmetric_centrality", "volume_on_template_grid"):
+        changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {"decoder": {option: True}})
+        assert changed.hash(*sections) != cfg.hash(*sections)
+        assert f"{option}=True" in settings_key(changed.decoder)

@@ -20,6 +20,7 @@ of these means over n:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -126,12 +127,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
     rows = measure(a.model, conditions, a.neighbours, a.pool, a.seed, progress=not a.no_progress)
-    text = table(rows)
-    print(text + f"\n{time.perf_counter() - t:.0f} s")
+    text, seconds = table(rows), time.perf_counter() - t
+    print(text + f"\n{seconds:.0f} s")
     if a.out:
+        args = " ".join(sys.argv[1:] if argv is None else argv)
         with atomic_path(Path(a.out), overwrite=True) as tmp:
             tmp.write_text(f"# Bias of the centrality estimate\n\n{__doc__}\n"
-                           f"Command: `python -m diffdef_training.centrality_bias {' '.join(argv or [])}`\n\n{text}")
+                           f"Command ({seconds:.0f} s, {a.threads} thread(s)): "
+                           f"`python -m diffdef_training.centrality_bias {args}`\n\n{text}")
     return 0
 
 

@@ -62,13 +62,30 @@ class RegistrationConfig(StageConfig):
     template_moving: float = 0.5  # probability that the moving image is the template
 
 
+#: Field metadata of an option added after models were trained, whose default keeps the earlier behaviour: at its
+#: default it is left out of run hashes and checkpoint keys, so stages finished before it existed stay current.
+ADDED = {"added": True}
+
+
+def identity_fields(section) -> list:
+    """The fields of a config section that identify a run: all but :data:`ADDED` options at their default."""
+    return [f for f in dataclasses.fields(section) if not (f.metadata.get("added") and getattr(section, f.name) == f.default)]
+
+
+def settings_key(section) -> str:
+    """The settings a checkpoint records and a resume compares: the section's repr without :data:`ADDED`
+    options at their default (equal to the repr written before those options existed)."""
+    return f"{type(section).__name__}(" + ", ".join(f"{f.name}={getattr(section, f.name)!r}"
+                                                    for f in identity_fields(section)) + ")"
+
+
 @dataclass
 class DecoderConfig(StageConfig):
     neighbours: int = 10  # N: neighbourhood size
     sigma: float = 0.3  # Gaussian width on the normalised condition distance
     mp_loss: bool = True  # morphology-preservation (centrality) term; False = ablation
     mp_weight: float = 1.0  # weight of the centrality term
-    symmetric_centrality: bool = False  # centrality from both registration directions, (u(atlas->n) - u(n->atlas)) / 2: cancels the network's direction-independent bias (a forward pass more per neighbour)
+    symmetric_centrality: bool = field(default=False, metadata=ADDED)  # centrality from both registration directions, (u(atlas->n) - u(n->atlas)) / 2: cancels the network's direction-independent bias (a forward pass more per neighbour)
     sim_weight: float = 1.0  # weight of the LNCC similarity to the neighbours
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
@@ -76,7 +93,7 @@ class DecoderConfig(StageConfig):
     bank_mixing: float = 0.0  # fraction of the bank whose conditions are drawn independently of each other (covers combinations the cohort lacks)
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
     neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]; majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model leaves it empty
-    volume_on_template_grid: bool = False  # measure volume_labels on the 1 mm template grid (a box around each label) instead of the working grid's block-averaged fractions, which read large changes short (60 ml asked: 61.8 ml at 4 mm, 67.2 ml at 1 mm)
+    volume_on_template_grid: bool = field(default=False, metadata=ADDED)  # measure volume_labels on the 1 mm template grid (a box around each label) instead of the working grid's block-averaged fractions, which read large changes short (60 ml asked: 61.8 ml at 4 mm, 67.2 ml at 1 mm)
     volume_weight: float = 1.0  # weight of the volume terms (squared log ratios of atlas to requested / neighbourhood volume)
 
 
@@ -106,7 +123,13 @@ class TrainConfig:
         return getattr(self, name)
 
     def hash(self, *sections: str) -> str:
+        """Hash of the named sections (all without names), :data:`ADDED` options at their default left out."""
         d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                kept = {g.name for g in identity_fields(value)}
+                d[f.name] = {k: v for k, v in d[f.name].items() if k in kept}
         d = {k: d[k] for k in sections} if sections else d
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

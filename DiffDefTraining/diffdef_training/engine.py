@@ -22,7 +22,7 @@ from torch import nn
 
 from diffdef.io import atomic_path
 
-from .config import StageConfig
+from .config import StageConfig, settings_key
 
 
 class CheckpointError(ValueError):
@@ -115,9 +115,9 @@ def check_checkpoint(path: Path, name: str, model: nn.Module, cfg: StageConfig, 
         raise CheckpointError(f"{path} does not fit the {name} network of this configuration "
                               f"(first mismatch: {(bad or sorted(set(own) ^ set(state['model'])))[0]}). "
                               "Use another output folder or start without --resume.")
-    if state["config"] != repr(cfg):
+    if state["config"] != settings_key(cfg):
         raise CheckpointError(f"{path} was written with another {name} configuration "
-                              f"({state['config']}); resume needs the same settings ({cfg!r}).")
+                              f"({state['config']}); resume needs the same settings ({settings_key(cfg)}).")
     return state
 
 
@@ -223,7 +223,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
             if done % cfg.checkpoint_every == 0 or done == end:
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "ema": ema.state_dict() if ema is not None else {}, "rng": torch.get_rng_state(),
-                         "step": done, "config": repr(cfg)}
+                         "step": done, "config": settings_key(cfg)}
                 _save(latest, state)
         if ctx.world > 1 and (done % cfg.checkpoint_every == 0 or done == end):
             dist.barrier()
