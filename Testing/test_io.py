@@ -182,3 +182,24 @@ def test_template_label_map_on_another_grid_is_refused():
     shifted = Grid(template.grid.shape, moved)
     with pytest.raises(ValueError, match="another grid"):
         template.grid.require_same(shifted, "label map")
+
+
+def test_atomic_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    """Files written through ``atomic_path`` end with mode 0666 & ~umask, also when the writer replaces the temp
+    file (safetensors does: the bundle's weights were left owner-only, 0600)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from diffdef.io import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with atomic_path(tmp_path / "t.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    for name in ("w.safetensors", "t.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

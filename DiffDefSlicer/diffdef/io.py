@@ -39,9 +39,11 @@ def atomic_path(path, overwrite: bool = False):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
     try:
         yield Path(tmp)
+        # mkstemp creates 0600, and some writers (safetensors) replace the file: give the result the permissions
+        # a plain open() would, after it is written
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
