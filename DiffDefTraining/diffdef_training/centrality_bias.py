@@ -33,7 +33,7 @@ from diffdef.bundle import load_bundle
 from diffdef.io import atomic_path
 from diffdef.template import load_template
 
-from .stages import neighbourhood_weights
+from .stages import neighbourhood_weights, template_brain_mask
 from .synthetic import SyntheticCohort, default_law, median_ventricle_volume
 
 POOL_OFFSET = 400  # the held-out subjects of the shipped cohort (training uses indices 0..399)
@@ -66,7 +66,7 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     sigma = float(bundle.meta["provenance"]["sigma"])
     law = default_law()
     t1, frac = load_template().on_working_grid(factor)
-    mask = (frac[:, 1:].sum(1, keepdim=True) > 0.5).float()
+    mask = template_brain_mask(frac)
     spacing = float(grid.spacing[0])
     subjects = SyntheticCohort(pool, seed, factor, offset=POOL_OFFSET)
     items = [subjects[i] for i in tqdm(range(pool), desc="synthesising the pool", disable=not progress)]

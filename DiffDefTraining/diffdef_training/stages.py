@@ -36,8 +36,9 @@ class CohortTensors:
         return i
 
 
-def _brain_mask(cohort: CohortTensors) -> torch.Tensor:
-    return (cohort.template_fractions[:, 1:].sum(1, keepdim=True) > 0.5).float()
+def template_brain_mask(fractions: torch.Tensor) -> torch.Tensor:
+    """(1, 1, ...) float mask of the voxels whose label fractions (1, L, ...) are more than half brain."""
+    return (fractions[:, 1:].sum(1, keepdim=True) > 0.5).float()
 
 
 # -- autoencoder ------------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ class DecoderObjective:
         for p in self.registration.parameters():
             p.requires_grad_(False)
         self.lncc, self.smooth, _ = registration_losses(cfg.registration.lncc_kernel)
-        self.mask = _brain_mask(cohort).to(device)
+        self.mask = template_brain_mask(cohort.template_fractions).to(device)
         self.spacing = float(cohort.grid.spacing[0])
         names = cfg.cohort.conditions
         # (condition column, mean, sd) of each volume condition and the fraction maps of their labels (1, V, ...)

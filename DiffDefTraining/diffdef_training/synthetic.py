@@ -185,21 +185,25 @@ class SyntheticLaw:
         t1, frac = self.template.on_working_grid(factor)
         return t1, frac, self.template.working_grid(factor).grid
 
-    def _draw_subject(self, seed: int, index: int):
-        """The draws of subject ``index`` of cohort ``seed``: (rng, generator) left for the image noise, age,
-        the law's ventricle volume, and the velocity (law grid, voxels)."""
+    def _draw_subject(self, seed: int, index: int) -> tuple[np.random.Generator, torch.Generator, float, float]:
+        """The random streams of subject ``index`` of cohort ``seed`` and its first draws: (rng, generator) left
+        for the velocity and the image noise, age, the law's ventricle volume."""
         rng = np.random.default_rng([seed, index])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        age, v_law = self.draw_conditions(rng)
-        return rng, gen, age, v_law, self.condition_velocity(age, v_law) + self.individual_velocity(gen)
+        return (rng, gen, *self.draw_conditions(rng))
+
+    def _subject_velocity(self, gen: torch.Generator, age: float, v_law: float) -> torch.Tensor:
+        return self.condition_velocity(age, v_law) + self.individual_velocity(gen)
 
     def subject_displacement(self, seed: int, index: int, grid: Grid) -> torch.Tensor:
         """The true displacement (template -> subject, pull-back, voxels of ``grid``) of subject ``index``."""
-        return self.displacement(self._draw_subject(seed, index)[-1], grid)
+        _, gen, age, v_law = self._draw_subject(seed, index)
+        return self.displacement(self._subject_velocity(gen, age, v_law), grid)
 
     def subject(self, seed: int, index: int, factor: int | None = LAW_FACTOR) -> Subject:
         """Subject ``index`` of cohort ``seed``, deterministic; on the working grid of ``factor`` (None: 1 mm)."""
-        rng, gen, age, v_law, velocity = self._draw_subject(seed, index)
+        rng, gen, age, v_law = self._draw_subject(seed, index)
+        velocity = self._subject_velocity(gen, age, v_law)
         t1, frac, grid = self._template_on(factor)
         disp = self.displacement(velocity, grid)
         image = fields.warp_image(t1, disp)
@@ -342,9 +346,7 @@ def _factor_name(factor: int | None) -> str:
 def drawn_conditions(seed: int, index: int, law: SyntheticLaw | None = None) -> tuple[float, float]:
     """(age, V) the law draws for subject ``index`` of cohort ``seed``, without building the subject (the same
     random stream as :meth:`SyntheticLaw.subject`)."""
-    rng = np.random.default_rng([seed, index])
-    rng.integers(2**62)
-    return (law or default_law()).draw_conditions(rng)
+    return (law or default_law())._draw_subject(seed, index)[2:]
 
 
 TRUTH_COLUMNS = ("subject", "seed", "index", "age", "ventricle_volume_law", "tissue_volume_law",
