@@ -18,10 +18,10 @@ import sys
 
 
 def _pipeline(a):
-    from .config import load_config
+    from .config import merge_overrides, load_config, parse_overrides
     from .pipeline import STAGES, run_pipeline
 
-    overrides = {"output": a.output} if a.output else {}
+    overrides = merge_overrides(parse_overrides(a.set), {"output": a.output} if a.output else {})
     cfg = load_config(a.config, overrides)
     only = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else STAGES
     bad = [s for s in only if s not in STAGES]
@@ -66,6 +66,9 @@ def main(argv=None):
     s = sub.add_parser("pipeline", help="run the training stages in order and export a bundle")
     s.add_argument("--config", help="YAML or JSON config (defaults when omitted)")
     s.add_argument("--output", help="run folder (overrides the config's output)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (dotted key, YAML value; repeatable), e.g. --set decoder.mp_weight=3 "
+                        "--set device=cuda")
     s.add_argument("--resume", action="store_true", help="continue interrupted stages from their checkpoints")
     s.add_argument("--stages", help="comma-separated subset of stages to train (others must be current)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import typing
@@ -283,9 +284,31 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
             raise ConfigError(f"Cannot parse {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level.")
-    for k, v in (overrides or {}).items():
-        if isinstance(v, dict) and isinstance(data.get(k), dict):
-            data[k] = {**data[k], **v}
-        else:
-            data[k] = v
-    return from_dict(data)
+    return from_dict(merge_overrides(data, overrides or {}))
+
+
+def merge_overrides(data: dict, overrides: dict) -> dict:
+    """``data`` with ``overrides`` applied key by key at every nesting level."""
+    out = dict(data)
+    for k, v in overrides.items():
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["decoder.mp_weight=3", "device=cuda"]`` -> nested overrides for :func:`load_config`; each value is read
+    as YAML (numbers, booleans, lists, mappings). Keys are checked when the config is built."""
+    import yaml
+
+    overrides: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+            raise ConfigError(f"Cannot read override {item!r}: give KEY=VALUE with a dotted key, e.g. decoder.mp_weight=3")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Cannot read the value of override {item!r}: {exc}") from exc
+        *parents, last = key.strip().split(".")
+        overrides = merge_overrides(overrides, functools.reduce(lambda inner, p: {p: inner}, reversed(parents), {last: parsed}))
+    return overrides
