@@ -3,9 +3,10 @@
 #   DiffDefTraining/scripts/decoder_sweep.sh NAME KEY=VALUE [KEY=VALUE ...]
 #   DiffDefTraining/scripts/decoder_sweep.sh mp3 decoder.mp_weight=3 device=cuda amp=false
 # trains only the deformation decoder of $CONFIG (default shipped.yaml) with the overrides, on the upstream
-# stages of $UPSTREAM (default runs/shipped; they must be current for the config), into runs/sweep/NAME, then
+# stages of $UPSTREAM (default runs/shipped; they must be current for the config), into $SWEEP_DIR/NAME
+# (default runs/sweep), then
 # scores its bundle against the synthetic law's truth on validation conditions ($VALIDATION, AGE:VOLUME pairs
-# inside the training range that the evaluation grid does not use; seeds 0,1): runs/sweep/NAME/val/evaluation.md.
+# inside the training range that the evaluation grid does not use; seeds 0,1): $SWEEP_DIR/NAME/val/evaluation.md.
 # With no override it reproduces the config's own decoder (the control: compare within one machine).
 # A decoder takes about 33 min on a 2-core CPU and about 1 min on one H200 GPU (fp32); the scoring about 2 min.
 set -euo pipefail
@@ -14,7 +15,7 @@ name=${1:?usage: decoder_sweep.sh NAME [KEY=VALUE ...]}; shift
 config=${CONFIG:-DiffDefTraining/configs/shipped.yaml}
 upstream=${UPSTREAM:-runs/shipped}
 validation=${VALIDATION:-55:20,65:26,75:33,72:20,62:38}
-run=runs/sweep/$name
+run=${SWEEP_DIR:-runs/sweep}/$name
 sets=(--set "output=$run")
 for kv in "$@"; do sets+=(--set "$kv"); done
 mkdir -p "$run"
