@@ -177,23 +177,25 @@ def test_config_unknown_key_and_wrong_type(tmp_path):
     assert not out.exists()
 
 
-def test_command_line_overrides(tmp_path):
-    """``--set KEY=VALUE`` reaches the config at any depth without replacing its siblings; bad overrides are
-    refused with the key and an example, before anything is written."""
-    from diffdef_training.config import parse_overrides
+def test_command_line_settings(tmp_path):
+    """``--set KEY=VALUE`` reaches the config at any depth without replacing the key's siblings, and a mapping
+    value replaces the key's whole value; bad settings are refused with the key and an example, before anything
+    is written."""
+    from diffdef_training.config import parse_setting
 
     shipped = ROOT / "DiffDefTraining" / "configs" / "shipped.yaml"
-    overrides = parse_overrides(["decoder.mp_weight=3", "device=cuda", "decoder.volume_labels={ventricle_volume: 4}",
-                                 "architecture.registration.channels=[8, 16]"])
-    cfg = load_config(shipped, overrides)
-    base = load_config(shipped)
-    assert (cfg.decoder.mp_weight, cfg.device, cfg.decoder.steps) == (3.0, "cuda", base.decoder.steps)
+    settings = [parse_setting(s) for s in ["decoder.mp_weight=3", "device=cuda", "decoder.volume_labels={}",
+                                           "architecture.registration.channels=[8, 16]"]]
+    cfg, base = load_config(shipped, None, settings), load_config(shipped)
+    assert (cfg.decoder.mp_weight, cfg.device, cfg.decoder.volume_labels) == (3.0, "cuda", {})
+    assert (cfg.decoder.steps, base.decoder.volume_labels) == (base.decoder.steps, {"ventricle_volume": 4})
     assert cfg.architecture["registration"]["channels"] == [8, 16]
     assert {k: v for k, v in cfg.architecture["registration"].items() if k != "channels"} == \
         {k: v for k, v in base.architecture["registration"].items() if k != "channels"}
     out = tmp_path / "run"
     for bad, words in [("decoder.mp_weight", "KEY=VALUE"), ("=3", "KEY=VALUE"), ("decoder..steps=3", "KEY=VALUE"),
-                       ("decoder.stpes=3", "decoder.stpes"), ("decoder.steps=ten", "decoder.steps must be int")]:
+                       ("decoder.stpes=3", "decoder.stpes"), ("decoder.steps=ten", "decoder.steps must be int"),
+                       ("decoder.steps=[1", "Cannot read the value")]:
         assert words in _cli("pipeline", "--config", str(shipped), "--output", str(out), "--set", bad), bad
     assert not out.exists()
 

@@ -18,11 +18,10 @@ import sys
 
 
 def _pipeline(a):
-    from .config import merge_overrides, load_config, parse_overrides
+    from .config import load_config, parse_setting
     from .pipeline import STAGES, run_pipeline
 
-    overrides = merge_overrides(parse_overrides(a.set), {"output": a.output} if a.output else {})
-    cfg = load_config(a.config, overrides)
+    cfg = load_config(a.config, {"output": a.output} if a.output else {}, [parse_setting(s) for s in a.set])
     only = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else STAGES
     bad = [s for s in only if s not in STAGES]
     if bad or not only:

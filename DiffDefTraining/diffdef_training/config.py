@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import typing
@@ -265,8 +264,9 @@ def from_dict(data: dict) -> TrainConfig:
     return _validate(_build(TrainConfig, data or {}))
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML/JSON config (None: defaults) and apply ``overrides`` (same nesting)."""
+def load_config(path: str | Path | None, overrides: dict | None = None, settings: list | None = None) -> TrainConfig:
+    """Read a YAML/JSON config (None: defaults), apply ``overrides`` (same nesting; a section given replaces the
+    file's keys it names) and then ``settings``, (dotted key, value) pairs from :func:`parse_setting`."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -284,31 +284,31 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
             raise ConfigError(f"Cannot parse {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level.")
-    return from_dict(merge_overrides(data, overrides or {}))
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    for key, value in settings or []:
+        *parents, last = key.split(".")
+        node = data
+        for p in parents:  # copy each level on the way down: the value replaces one key, its siblings stay
+            node[p] = dict(node[p]) if isinstance(node.get(p), dict) else {}
+            node = node[p]
+        node[last] = value
+    return from_dict(data)
 
 
-def merge_overrides(data: dict, overrides: dict) -> dict:
-    """``data`` with ``overrides`` applied key by key at every nesting level."""
-    out = dict(data)
-    for k, v in overrides.items():
-        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["decoder.mp_weight=3", "device=cuda"]`` -> nested overrides for :func:`load_config`; each value is read
-    as YAML (numbers, booleans, lists, mappings). Keys are checked when the config is built."""
+def parse_setting(item: str) -> tuple[str, object]:
+    """``"decoder.mp_weight=3"`` -> ``("decoder.mp_weight", 3)``: a dotted key and its value read as YAML (numbers,
+    booleans, lists, mappings; a mapping replaces the key's whole value). Keys are checked when the config is built."""
     import yaml
 
-    overrides: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
-            raise ConfigError(f"Cannot read override {item!r}: give KEY=VALUE with a dotted key, e.g. decoder.mp_weight=3")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Cannot read the value of override {item!r}: {exc}") from exc
-        *parents, last = key.strip().split(".")
-        overrides = merge_overrides(overrides, functools.reduce(lambda inner, p: {p: inner}, reversed(parents), {last: parsed}))
-    return overrides
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"Cannot read setting {item!r}: give KEY=VALUE with a dotted key, e.g. decoder.mp_weight=3")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Cannot read the value of setting {item!r}: {exc}") from exc
