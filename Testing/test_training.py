@@ -476,17 +476,15 @@ def test_shipped_variants_differ_from_shipped_only_where_they_say():
     for path in configs.glob("*.yaml"):
         load_config(path)
     shipped = load_config(configs / "shipped.yaml").to_dict()
-    # mp_weight: unused without the MP loss (the ablation's trained decoder stays current), and the comparison
-    # run was trained against the shipped decoder of its day, which had mp_weight 1
-    allowed = {"shipped-no-mp.yaml": ({"mp_loss"}, {"mp_weight"}),
-               "shipped-symmetric.yaml": ({"symmetric_centrality", "volume_on_template_grid"}, {"mp_weight"})}
-    for name, (keys, may_differ) in allowed.items():
+    allowed = {"shipped-no-mp.yaml": {"mp_loss"},
+               "shipped-symmetric.yaml": {"symmetric_centrality", "volume_on_template_grid"}}
+    for name, keys in allowed.items():
         variant = load_config(configs / name).to_dict()
         assert variant["output"] != shipped["output"]
         assert {k: v for k, v in variant.items() if k not in ("output", "decoder")} == \
             {k: v for k, v in shipped.items() if k not in ("output", "decoder")}
         differing = {k for k in shipped["decoder"] if variant["decoder"][k] != shipped["decoder"][k]}
-        assert keys <= differing <= keys | may_differ, name
+        assert differing == keys, name
 
 
 def test_training_benchmark_defaults_to_the_shipped_config():
