@@ -496,23 +496,39 @@ def test_training_benchmark_defaults_to_the_shipped_config():
     assert load_config(bench_training.SHIPPED_CONFIG).decoder.steps == 800
 
 
-def test_decoder_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
-    """decoder_sweep.sh retrains only the decoder, with the override, on the given upstream stages, and scores
-    its bundle on the validation conditions (the tiny config stands in for shipped.yaml)."""
+def test_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
+    """sweep.sh retrains only the decoder (or the stages named by STAGES), with the override, on the given
+    upstream stages, and scores its bundle on the validation conditions (tiny.yaml stands in for shipped.yaml)."""
     env = {**os.environ, "CONFIG": str(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"), "UPSTREAM": str(tiny_run),
            "SWEEP_DIR": str(tmp_path), "VALIDATION": "65:30",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    script = ROOT / "DiffDefTraining" / "scripts" / "decoder_sweep.sh"
+    script = ROOT / "DiffDefTraining" / "scripts" / "sweep.sh"
+    done_hash = lambda run, stage: json.loads((run / stage / "done.json").read_text())["hash"]
+
     done = subprocess.run(["bash", str(script), "w2", "decoder.smooth_weight=2"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "w2"
     for stage in ("autoencoder", "diffusion", "registration"):  # reused, not retrained
         assert (run / stage / "done.json").read_text() == (tiny_run / stage / "done.json").read_text()
-    assert json.loads((run / "decoder" / "done.json").read_text())["hash"] != \
-        json.loads((tiny_run / "decoder" / "done.json").read_text())["hash"]
+    assert done_hash(run, "decoder") != done_hash(tiny_run, "decoder")
     rows = [r for r in json.loads((run / "val" / "evaluation.json").read_text())["rows"] if r["method"] == "DiffDef"]
     assert [(r["age"], r["ventricle_volume"], r["seed"]) for r in rows] == [(65.0, 30.0, 0), (65.0, 30.0, 1)]
     assert all(0 <= r["dice"]["GM"] <= 1 for r in rows)
+
+    done = subprocess.run(["bash", str(script), "reg", "registration.steps=5"], env={**env, "STAGES": "registration,decoder"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "reg"
+    for stage in ("autoencoder", "diffusion"):
+        assert (run / stage / "done.json").read_text() == (tiny_run / stage / "done.json").read_text()
+    assert json.loads((run / "registration" / "done.json").read_text())["losses"]["step"] == 5
+    for stage in ("registration", "decoder"):
+        assert done_hash(run, stage) != done_hash(tiny_run, stage)
+    assert (run / "val" / "evaluation.json").exists()
+
+    refused = subprocess.run(["bash", str(script), "bad"], env={**env, "STAGES": "registration"}, capture_output=True, text=True)
+    assert refused.returncode == 2 and "STAGES must include decoder" in refused.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_added_options_at_their_default_keep_finished_runs_current():
