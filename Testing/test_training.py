@@ -515,8 +515,8 @@ def test_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
     assert [(r["age"], r["ventricle_volume"], r["seed"]) for r in rows] == [(65.0, 30.0, 0), (65.0, 30.0, 1)]
     assert all(0 <= r["dice"]["GM"] <= 1 for r in rows)
 
-    done = subprocess.run(["bash", str(script), "reg", "registration.steps=5"], env={**env, "STAGES": "registration,decoder"},
-                          capture_output=True, text=True)
+    done = subprocess.run(["bash", str(script), "reg", "registration.steps=5", "registration.antisymmetric=true"],
+                          env={**env, "STAGES": "registration,decoder"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "reg"
     for stage in ("autoencoder", "diffusion"):
@@ -525,6 +525,10 @@ def test_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
     for stage in ("registration", "decoder"):
         assert done_hash(run, stage) != done_hash(tiny_run, stage)
     assert (run / "val" / "evaluation.json").exists()
+    from diffdef.bundle import load_bundle
+
+    assert load_bundle(run / "bundle").nets["registration"].antisymmetric  # the option travels with the bundle
+    assert not load_bundle(tiny_run / "bundle").nets["registration"].antisymmetric
 
     refused = subprocess.run(["bash", str(script), "bad"], env={**env, "STAGES": "registration"}, capture_output=True, text=True)
     assert refused.returncode == 2 and "STAGES must include decoder" in refused.stderr
@@ -543,7 +547,8 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     assert cfg.hash(*sections) == "50921aaf6f53d549"
     key = settings_key(cfg.decoder)
     assert key.startswith("DecoderConfig(steps=3, ") and "symmetric_centrality" not in key and key.endswith("volume_weight=1.0)")
-    for option in ("symmetric_centrality", "volume_on_template_grid"):
-        changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {"decoder": {option: True}})
+    for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
+                            ("registration", "antisymmetric")):
+        changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: True}})
         assert changed.hash(*sections) != cfg.hash(*sections)
-        assert f"{option}=True" in settings_key(changed.decoder)
+        assert f"{option}=True" in settings_key(getattr(changed, section))

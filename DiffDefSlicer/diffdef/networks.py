@@ -96,16 +96,28 @@ class DeformationDecoder(nn.Module):
 
 class RegistrationNet(nn.Module):
     """VoxelMorph-style U-Net (MONAI ``VoxelMorphUNet``): (moving, fixed) ``(B, 1, ...)`` each -> stationary
-    velocity ``(B, 3, ...)`` in voxels; integrate with :func:`diffdef.fields.integrate_velocity`."""
+    velocity ``(B, 3, ...)`` in voxels; integrate with :func:`diffdef.fields.integrate_velocity`.
 
-    def __init__(self, **args):
+    ``antisymmetric``: the velocity is (f(moving, fixed) - f(fixed, moving)) / 2, so an image registered to
+    itself gives exactly 0 and swapping the images negates the velocity (exp(-v) is the inverse map). A plain
+    U-Net adds a field of its own that does not depend on the pair (registering an image to itself gave 0.55 mm
+    RMS over the brain for the shipped network, 0.8-0.9 mm after 4x longer training), which the MP loss would
+    then cancel by moving the atlas off the truth. MONAI's VoxelMorph has no such option, hence the wrapper;
+    the two directions share one batched forward pass (twice the compute)."""
+
+    def __init__(self, antisymmetric: bool = False, **args):
         super().__init__()
         from monai.networks.nets import VoxelMorphUNet
 
+        self.antisymmetric = bool(antisymmetric)
         self.unet = VoxelMorphUNet(**args)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return self.unet(torch.cat([moving, fixed], dim=1))
+        if not self.antisymmetric:
+            return self.unet(torch.cat([moving, fixed], dim=1))
+        both = self.unet(torch.cat([torch.cat([moving, fixed], dim=1), torch.cat([fixed, moving], dim=1)]))
+        forward, backward = both.chunk(2)
+        return (forward - backward) / 2
 
 
 def build_autoencoder(args: dict):

@@ -76,7 +76,7 @@ def main(argv=None):
         latents = lat.repeat(len(cohort) // 4 + 1, 1, 1, 1, 1)[: len(cohort)]
         diff = stages.ConditionalDiffusion(cfg.architecture, len(spec))
         run("diffusion", stage_once("diffusion", lambda d: stages.train_diffusion(cfg, ctx, cohort, Path(d), latents, progress=False)))
-        reg = stages.RegistrationNet(**cfg.architecture["registration"])
+        reg = stages.build_registration(cfg)
         run("registration", stage_once("registration", lambda d: stages.train_registration(cfg, ctx, cohort, Path(d), progress=False)))
         bank = (cohort.conditions[:8].repeat(cfg.decoder.bank_size // 8 + 1, 1)[: cfg.decoder.bank_size],
                 latents[:1].repeat(cfg.decoder.bank_size, 1, 1, 1, 1))

@@ -31,6 +31,11 @@ class CohortConfig:
     cache: str = ""  # real cohort: preprocessing cache folder (default <output>/cohort_cache)
 
 
+#: Field metadata of an option added after models were trained, whose default keeps the earlier behaviour: at its
+#: default it is left out of run hashes and checkpoint keys, so stages finished before it existed stay current.
+ADDED = {"added": True}
+
+
 @dataclass
 class StageConfig:
     steps: int = 100  # optimizer steps
@@ -60,11 +65,7 @@ class RegistrationConfig(StageConfig):
     smooth_weight: float = 1.0  # diffusion regulariser weight on the velocity
     dice_weight: float = 0.5  # Dice term weight (when labels exist)
     template_moving: float = 0.5  # probability that the moving image is the template
-
-
-#: Field metadata of an option added after models were trained, whose default keeps the earlier behaviour: at its
-#: default it is left out of run hashes and checkpoint keys, so stages finished before it existed stay current.
-ADDED = {"added": True}
+    antisymmetric: bool = field(default=False, metadata=ADDED)  # velocity (f(m, x) - f(x, m)) / 2: an image registered to itself gives 0, no pair-independent field for the MP loss to cancel (twice the compute); recorded in the bundle's architecture
 
 
 def identity_fields(section) -> list:

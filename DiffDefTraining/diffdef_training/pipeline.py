@@ -175,7 +175,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     k = len(cfg.cohort.conditions)
     builders = {"autoencoder": lambda: stages.build_autoencoder(arch["autoencoder"]),
                 "diffusion": lambda: stages.ConditionalDiffusion(arch, k),
-                "registration": lambda: stages.RegistrationNet(**arch["registration"]),
+                "registration": lambda: stages.build_registration(cfg),
                 "decoder": lambda: stages.DeformationDecoder(arch["autoencoder"], k)}
 
     def current(name):
@@ -250,7 +250,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         "template": {},
         "working_grid": {**working.grid.to_dict(), **working.to_dict()},
         "conditions": spec.to_list(),
-        "architecture": {**arch, "decoder": {"uses": "autoencoder", "num_conditions": len(spec)}},
+        "architecture": {**arch, "registration": stages.registration_architecture(cfg),
+                         "decoder": {"uses": "autoencoder", "num_conditions": len(spec)}},
         "latent": {"shape": list(latents.shape[1:]), "scale_factor": scale},
         "sampling": {"steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance,
                      "integration_steps": cfg.sampling.integration_steps},

@@ -134,9 +134,22 @@ def registration_losses(kernel: int):
             DiffusionLoss(), DiceLoss(include_background=False, reduction="mean"))
 
 
+def registration_architecture(cfg: TrainConfig) -> dict:
+    """The registration network's arguments, as the bundle records them (``registration.antisymmetric`` is a
+    training option that changes what the network computes, so it travels with the architecture)."""
+    arch = dict(cfg.architecture["registration"])
+    if cfg.registration.antisymmetric:
+        arch["antisymmetric"] = True
+    return arch
+
+
+def build_registration(cfg: TrainConfig) -> RegistrationNet:
+    return RegistrationNet(**registration_architecture(cfg))
+
+
 def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, resume=False, **kw) -> nn.Module:
     scfg = cfg.registration
-    net = RegistrationNet(**cfg.architecture["registration"])
+    net = build_registration(cfg)
     lncc, smooth, dice = registration_losses(scfg.lncc_kernel)
     data = StepData(cohort, scfg.batch_size, ctx, cfg.seed + 2)
     n = len(cohort)
