@@ -101,7 +101,7 @@ class RegistrationNet(nn.Module):
     ``antisymmetric``: the velocity is (f(moving, fixed) - f(fixed, moving)) / 2, so an image registered to
     itself gives exactly 0 and swapping the images negates the velocity (exp(-v) is the inverse map). A plain
     U-Net adds a field of its own that does not depend on the pair (registering an image to itself gave 0.55 mm
-    RMS over the brain for the shipped network, 0.8-0.9 mm after 4x longer training), which the MP loss would
+    RMS over the brain for the shipped network, 0.77-0.92 mm after 4x longer training), which the MP loss would
     then cancel by moving the atlas off the truth. MONAI's VoxelMorph has no such option, hence the wrapper;
     the two directions share one batched forward pass (twice the compute)."""
 
