@@ -284,13 +284,57 @@ def test_decoder_objective_terms(small_cohort):
     objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
     velocity = (0.1 * torch.randn(1, 3, *small_cohort.images.shape[2:])).requires_grad_(True)
     atlas, _ = objective.atlas(velocity)
-    idx = objective.neighbours(small_cohort.conditions[0], torch.Generator().manual_seed(0))
+    idx, weights = objective.neighbours(small_cohort.conditions[0], torch.Generator().manual_seed(0))
     assert len(idx) == min(cfg.decoder.neighbours, len(small_cohort)) and len(set(idx.tolist())) == len(idx)
+    assert weights is None  # equal weights unless decoder.local_linear
     terms = objective.terms(velocity, atlas, small_cohort.images[idx])
     assert set(terms) == {"centrality", "similarity", "smoothness"}
     assert terms["centrality"].ndim == 0 and float(terms["centrality"]) >= 0
     terms["centrality"].backward()
     assert velocity.grad is not None and velocity.grad.abs().sum() > 0  # usable as a loss
+
+
+def test_local_linear_factors_centre_the_neighbourhood_on_the_condition():
+    """At the cohort's edge the Gaussian neighbourhood's mean condition is pulled inwards; weighted by the
+    local-linear factors it is the condition itself, so a displacement linear in the condition averages to the
+    condition's own. A condition the query omits, or a subject lacks, plays no part."""
+    g = torch.Generator().manual_seed(0)
+    cohort = torch.rand(400, 2, generator=g) * 2 - 1  # normalised conditions, uniform on [-1, 1]^2
+    cohort[::7, 1] = float("nan")  # subjects without the second condition
+    edge = torch.tensor([-0.95, 0.9])
+    w = stages.neighbourhood_weights(edge, cohort, 0.3)
+    d = (cohort - edge).nan_to_num(0.0)
+    gaussian_mean = (w[:, None] * d).sum(0) / w.sum()
+    assert gaussian_mean.abs().min() > 0.05  # the skew being corrected
+    kernel = w * stages.local_linear_factors(edge, cohort, 0.3)
+    assert torch.allclose((kernel[:, None] * d).sum(0) / kernel.sum(), torch.zeros(2), atol=1e-4)
+    assert float(kernel.sum() / w.sum()) == pytest.approx(1.0, abs=1e-4)
+    only_first = torch.tensor([-0.95, float("nan")])
+    w1 = stages.neighbourhood_weights(only_first, cohort, 0.3)
+    k1 = w1 * stages.local_linear_factors(only_first, cohort, 0.3)
+    assert float((k1 * d[:, 0]).sum() / k1.sum()) == pytest.approx(0.0, abs=1e-4)
+    inside = torch.tensor([0.0, 0.0])  # deep inside the cohort there is almost nothing to correct
+    nearest = stages.neighbourhood_weights(inside, cohort, 0.3).argsort()[-50:]
+    assert torch.allclose(stages.local_linear_factors(inside, cohort, 0.3)[nearest], torch.ones(50), atol=0.2)
+
+
+def test_local_linear_centrality_weights_the_neighbours(small_cohort):
+    """With ``decoder.local_linear`` the centrality is the factor-weighted mean of the neighbours' displacements."""
+    from diffdef.networks import RegistrationNet
+
+    cfg = load_config(None, {**SMALL, "decoder": {"local_linear": True}})
+    torch.manual_seed(0)
+    objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+    cond = small_cohort.conditions[0]
+    idx, weights = objective.neighbours(cond, torch.Generator().manual_seed(0))
+    expected = stages.local_linear_factors(cond, small_cohort.conditions, cfg.decoder.sigma)[idx]
+    assert torch.equal(weights, expected)
+    atlas = small_cohort.template_t1
+    nb = small_cohort.images[idx]
+    each = torch.stack([objective.mean_displacement(atlas, nb[n : n + 1])[0] for n in range(len(nb))])
+    weighted = (expected[:, None, None, None, None] * each).sum(0) / expected.sum()
+    assert torch.allclose(objective.mean_displacement(atlas, nb, weights)[0], weighted, atol=1e-5)
+    assert not torch.allclose(objective.mean_displacement(atlas, nb)[0], weighted, atol=1e-5)
 
 
 def test_volume_on_template_grid_measures_as_the_evaluation(small_cohort):
@@ -548,7 +592,7 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     key = settings_key(cfg.decoder)
     assert key.startswith("DecoderConfig(steps=3, ") and "symmetric_centrality" not in key and key.endswith("volume_weight=1.0)")
     for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
-                            ("registration", "antisymmetric")):
+                            ("decoder", "local_linear"), ("registration", "antisymmetric")):
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: True}})
         assert changed.hash(*sections) != cfg.hash(*sections)
         assert f"{option}=True" in settings_key(getattr(changed, section))

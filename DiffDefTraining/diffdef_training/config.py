@@ -87,6 +87,7 @@ class DecoderConfig(StageConfig):
     mp_loss: bool = True  # morphology-preservation (centrality) term; False = ablation
     mp_weight: float = 1.0  # weight of the centrality term
     symmetric_centrality: bool = field(default=False, metadata=ADDED)  # centrality from both registration directions, (u(atlas->n) - u(n->atlas)) / 2: cancels the network's direction-independent bias (a forward pass more per neighbour)
+    local_linear: bool = field(default=False, metadata=ADDED)  # weight the neighbours in the centrality by local-linear regression's kernel, so their weighted mean condition is the asked one also at the cohort's edges (Gaussian weights alone pull it inwards)
     sim_weight: float = 1.0  # weight of the LNCC similarity to the neighbours
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
