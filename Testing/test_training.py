@@ -592,7 +592,9 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     key = settings_key(cfg.decoder)
     assert key.startswith("DecoderConfig(steps=3, ") and "symmetric_centrality" not in key and key.endswith("volume_weight=1.0)")
     for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
-                            ("decoder", "local_linear"), ("registration", "antisymmetric")):
-        changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: True}})
+                            ("decoder", "local_linear"), ("registration", "antisymmetric"),
+                            ("decoder", "velocity_smoothing_mm")):
+        value = 4.0 if option == "velocity_smoothing_mm" else True
+        changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)
-        assert f"{option}=True" in settings_key(getattr(changed, section))
+        assert f"{option}={value}" in settings_key(getattr(changed, section))

@@ -50,7 +50,8 @@ def build_network(name: str, arch: dict, num_conditions: int) -> torch.nn.Module
     if name == "condition_embedding":
         return networks.ConditionEmbedding(num_conditions, **arch["condition_embedding"])
     if name == "decoder":
-        return networks.DeformationDecoder(arch["autoencoder"], num_conditions)
+        return networks.DeformationDecoder(arch["autoencoder"], num_conditions,
+                                           float(arch.get("decoder", {}).get("velocity_smoothing", 0.0)))
     if name == "registration":
         return networks.RegistrationNet(**arch["registration"])
     if name == "image_decoder":

@@ -59,10 +59,18 @@ class DeformationDecoder(nn.Module):
     """Latent ``(B, C, ...)`` + conditions ``(B, K)`` -> stationary velocity field ``(B, 3, i, j, k)`` on the
     working grid, in working-grid voxels. MONAI's AutoencoderKL ``Decoder`` with ``2K`` extra input channels
     (the condition, see :func:`condition_channels`) and a 3-channel output, initialised from the trained
-    image decoder by :meth:`init_from_autoencoder` (as the Diff-Def authors do)."""
+    image decoder by :meth:`init_from_autoencoder` (as the Diff-Def authors do).
 
-    def __init__(self, autoencoder_args: dict, num_conditions: int):
+    ``velocity_smoothing``: sigma (working-grid voxels) of a fixed Gaussian filter on the output, 0 = none. The
+    image decoder's upsampling leaves a fine-scale field of its own in the velocity that the MP loss, seen through
+    a registration network that recovers part of each displacement, does not remove: smoothing the shipped
+    decoder's output by 1 voxel (4 mm) after training cut its error against the synthetic law's displacement by
+    a quarter (0.52 -> 0.40 mm at 55 y, 0.97 -> 0.75 mm at 75 y). Trained with the filter in place, the other
+    terms see the smoothed field. The kernel is MONAI's ``gaussian_1d``, applied separably."""
+
+    def __init__(self, autoencoder_args: dict, num_conditions: int, velocity_smoothing: float = 0.0):
         super().__init__()
+        from monai.networks.layers import gaussian_1d
         from monai.networks.nets.autoencoderkl import Decoder
 
         a = autoencoder_args
@@ -74,6 +82,10 @@ class DeformationDecoder(nn.Module):
         last = self.decoder.blocks[-1].conv
         nn.init.zeros_(last.weight)  # start from the identity map
         nn.init.zeros_(last.bias)
+        self.velocity_smoothing = float(velocity_smoothing)
+        kernel = gaussian_1d(torch.tensor(self.velocity_smoothing), truncated=3.0, approx="sampled", normalize=True) \
+            if self.velocity_smoothing > 0 else torch.ones(1)
+        self.register_buffer("smoothing_kernel", kernel, persistent=False)  # fixed: not a weight of the bundle
 
     def init_from_autoencoder(self, autoencoder: nn.Module) -> None:
         """Copy the image decoder's weights; the condition input channels and the velocity output start at 0."""
@@ -91,7 +103,12 @@ class DeformationDecoder(nn.Module):
         self.decoder.load_state_dict(target)
 
     def forward(self, latent: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([latent, condition_channels(conditions, latent.shape[2:])], dim=1))
+        velocity = self.decoder(torch.cat([latent, condition_channels(conditions, latent.shape[2:])], dim=1))
+        if self.velocity_smoothing > 0:
+            from monai.networks.layers import separable_filtering
+
+            velocity = separable_filtering(velocity, [self.smoothing_kernel.to(velocity)] * 3, mode="replicate")
+        return velocity
 
 
 class RegistrationNet(nn.Module):

@@ -88,6 +88,7 @@ class DecoderConfig(StageConfig):
     mp_weight: float = 1.0  # weight of the centrality term
     symmetric_centrality: bool = field(default=False, metadata=ADDED)  # centrality from both registration directions, (u(atlas->n) - u(n->atlas)) / 2: cancels the network's direction-independent bias (a forward pass more per neighbour)
     local_linear: bool = field(default=False, metadata=ADDED)  # weight the neighbours in the centrality by local-linear regression's kernel, so their weighted mean condition is the asked one also at the cohort's edges (Gaussian weights alone pull it inwards)
+    velocity_smoothing_mm: float = field(default=0.0, metadata=ADDED)  # sigma (mm) of a fixed Gaussian filter on the decoder's velocity output, part of the network (recorded in the bundle's architecture); 0 = none
     sim_weight: float = 1.0  # weight of the LNCC similarity to the neighbours
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model

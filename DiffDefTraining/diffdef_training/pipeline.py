@@ -176,7 +176,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     builders = {"autoencoder": lambda: stages.build_autoencoder(arch["autoencoder"]),
                 "diffusion": lambda: stages.ConditionalDiffusion(arch, k),
                 "registration": lambda: stages.build_registration(cfg),
-                "decoder": lambda: stages.DeformationDecoder(arch["autoencoder"], k)}
+                "decoder": lambda: stages.build_decoder(cfg)}
 
     def current(name):
         d = out / name
@@ -251,7 +251,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         "working_grid": {**working.grid.to_dict(), **working.to_dict()},
         "conditions": spec.to_list(),
         "architecture": {**arch, "registration": stages.registration_architecture(cfg),
-                         "decoder": {"uses": "autoencoder", "num_conditions": len(spec)}},
+                         "decoder": stages.decoder_architecture(cfg)},
         "latent": {"shape": list(latents.shape[1:]), "scale_factor": scale},
         "sampling": {"steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance,
                      "integration_steps": cfg.sampling.integration_steps},

@@ -395,10 +395,24 @@ class DecoderObjective:
                 "smoothness": self.smooth(velocity)}
 
 
+def decoder_architecture(cfg: TrainConfig) -> dict:
+    """The decoder's entry in the bundle's architecture; ``decoder.velocity_smoothing_mm`` becomes the output
+    filter's sigma in working-grid voxels (the filter is part of what the network computes)."""
+    arch = {"uses": "autoencoder", "num_conditions": len(cfg.cohort.conditions)}
+    if cfg.decoder.velocity_smoothing_mm > 0:
+        arch["velocity_smoothing"] = cfg.decoder.velocity_smoothing_mm / (cfg.cohort.factor * load_template().grid.spacing[0])
+    return arch
+
+
+def build_decoder(cfg: TrainConfig) -> DeformationDecoder:
+    arch = decoder_architecture(cfg)
+    return DeformationDecoder(cfg.architecture["autoencoder"], arch["num_conditions"], arch.get("velocity_smoothing", 0.0))
+
+
 def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, ae: nn.Module,
                   registration: nn.Module, bank: tuple, resume=False, **kw) -> DeformationDecoder:
     dcfg = cfg.decoder
-    decoder = DeformationDecoder(cfg.architecture["autoencoder"], cohort.conditions.shape[1])
+    decoder = build_decoder(cfg)
     decoder.init_from_autoencoder(ae)
     objective = DecoderObjective(cfg, cohort, registration, ctx.device)
     bank_conds, bank_latents = bank
