@@ -76,6 +76,8 @@ def test_tiny_bundle_loads_and_generates_without_folding(tiny_run, tiny_generato
     assert set(prov["final_losses"]) == {"autoencoder", "diffusion", "registration", "decoder"}
     assert "l1" in prov["final_losses"]["autoencoder"] and "centrality" in prov["final_losses"]["decoder"]
     assert prov["morphology_preservation_loss"] is True
+    assert set(prov["stage_machines"]) == set(prov["steps"])  # where each stage trained, from its done.json
+    assert all(m.endswith(", CPU") for m in prov["stage_machines"].values()), prov["stage_machines"]
     assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"]), prov["git_commit"]
 
 

@@ -148,6 +148,13 @@ def check_resumable(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
                 check_checkpoint(latest, name, builders[name](), cfg.stage(name))
 
 
+def _machine(ctx: RunContext) -> str:
+    """Where this process trains: architecture, threads, GPU name or CPU, process count."""
+    device = "GPU " + torch.cuda.get_device_name() if ctx.device.type == "cuda" else "CPU"
+    return f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, {device}" + \
+        (f", {ctx.world} processes" if ctx.world > 1 else "")
+
+
 def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, only: tuple = STAGES,
                  ctx: RunContext | None = None) -> Path | None:
     """Train every stage in ``only`` (skipping current ones; the stages they read must be current or listed)
@@ -209,7 +216,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         if ctx.is_main:
             _save_state(weights, net)
             with atomic_path(marker, overwrite=True) as tmp:
-                tmp.write_text(json.dumps({"hash": key, "seconds": timings[name], "losses": _last_losses(d)}))
+                tmp.write_text(json.dumps({"hash": key, "seconds": timings[name], "machine": _machine(ctx),
+                                           "losses": _last_losses(d)}))
         return net
 
     def finished(name):  # a subset run ends after its last stage, without export
@@ -260,11 +268,12 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
             "steps": {s: cfg.stage(s).steps for s in STAGES},
             "final_losses": {s: _last_losses(out / s) for s in STAGES},
             "stage_seconds": {s: json.loads((out / s / "done.json").read_text()).get("seconds") for s in STAGES},
+            "stage_machines": {s: json.loads((out / s / "done.json").read_text()).get("machine", "not recorded")
+                               for s in STAGES},
             "morphology_preservation_loss": cfg.decoder.mp_loss,
             "neighbours": cfg.decoder.neighbours, "sigma": cfg.decoder.sigma,
             "config": cfg.to_dict(), "git_commit": _git_commit(), "processes": ctx.world,
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
-                       f"{'GPU ' + torch.cuda.get_device_name() if ctx.device.type == 'cuda' else 'CPU'}",
+            "machine": _machine(ctx),
             "torch": torch.__version__, "wall_seconds_this_run": time.time() - t_start,
         },
     }
