@@ -315,6 +315,8 @@ def test_local_linear_factors_centre_the_neighbourhood_on_the_condition():
     w1 = stages.neighbourhood_weights(only_first, cohort, 0.3)
     k1 = w1 * stages.local_linear_factors(only_first, cohort, 0.3)
     assert float((k1 * d[:, 0]).sum() / k1.sum()) == pytest.approx(0.0, abs=1e-4)
+    nothing = torch.tensor([float("nan"), float("nan")])  # no condition given: the plain mean over the cohort
+    assert torch.equal(stages.local_linear_factors(nothing, cohort, 0.3), torch.ones(len(cohort)))
     inside = torch.tensor([0.0, 0.0])  # deep inside the cohort there is almost nothing to correct
     nearest = stages.neighbourhood_weights(inside, cohort, 0.3).argsort()[-50:]
     assert torch.allclose(stages.local_linear_factors(inside, cohort, 0.3)[nearest], torch.ones(50), atol=0.2)
