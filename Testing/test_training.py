@@ -308,18 +308,20 @@ def test_local_linear_factors_centre_the_neighbourhood_on_the_condition():
     d = (cohort - edge).nan_to_num(0.0)
     gaussian_mean = (w[:, None] * d).sum(0) / w.sum()
     assert gaussian_mean.abs().min() > 0.05  # the skew being corrected
-    kernel = w * stages.local_linear_factors(edge, cohort, 0.3)
+    kernel = w * stages.local_linear_factors(edge, cohort, w)
     assert torch.allclose((kernel[:, None] * d).sum(0) / kernel.sum(), torch.zeros(2), atol=1e-4)
     assert float(kernel.sum() / w.sum()) == pytest.approx(1.0, abs=1e-4)
     only_first = torch.tensor([-0.95, float("nan")])
     w1 = stages.neighbourhood_weights(only_first, cohort, 0.3)
-    k1 = w1 * stages.local_linear_factors(only_first, cohort, 0.3)
+    k1 = w1 * stages.local_linear_factors(only_first, cohort, w1)
     assert float((k1 * d[:, 0]).sum() / k1.sum()) == pytest.approx(0.0, abs=1e-4)
     nothing = torch.tensor([float("nan"), float("nan")])  # no condition given: the plain mean over the cohort
-    assert torch.equal(stages.local_linear_factors(nothing, cohort, 0.3), torch.ones(len(cohort)))
+    w0 = stages.neighbourhood_weights(nothing, cohort, 0.3)
+    assert torch.equal(stages.local_linear_factors(nothing, cohort, w0), torch.ones(len(cohort)))
     inside = torch.tensor([0.0, 0.0])  # deep inside the cohort there is almost nothing to correct
-    nearest = stages.neighbourhood_weights(inside, cohort, 0.3).argsort()[-50:]
-    assert torch.allclose(stages.local_linear_factors(inside, cohort, 0.3)[nearest], torch.ones(50), atol=0.2)
+    wi = stages.neighbourhood_weights(inside, cohort, 0.3)
+    nearest = wi.argsort()[-50:]
+    assert torch.allclose(stages.local_linear_factors(inside, cohort, wi)[nearest], torch.ones(50), atol=0.2)
 
 
 def test_local_linear_centrality_weights_the_neighbours(small_cohort):
@@ -331,7 +333,8 @@ def test_local_linear_centrality_weights_the_neighbours(small_cohort):
     objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
     cond = small_cohort.conditions[0]
     idx, weights = objective.neighbours(cond, torch.Generator().manual_seed(0))
-    expected = stages.local_linear_factors(cond, small_cohort.conditions, cfg.decoder.sigma)[idx]
+    w = stages.neighbourhood_weights(cond, small_cohort.conditions, cfg.decoder.sigma)
+    expected = stages.local_linear_factors(cond, small_cohort.conditions, w)[idx]
     assert torch.equal(weights, expected)
     atlas = small_cohort.template_t1
     nb = small_cohort.images[idx]

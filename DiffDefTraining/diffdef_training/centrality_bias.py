@@ -15,7 +15,10 @@ of these means over n:
 * ``bias forward`` mean (u_n - (t_n - t_a)) and ``bias symmetric`` mean ((u_n - w_n) / 2 - (t_n - t_a)): the
   network's systematic error, which the decoder learns to cancel by moving the atlas away from the truth;
 * ``recovered``: <u, t - t_a> / |t - t_a|^2 over all neighbours and brain voxels, the fraction of the law's
-  displacement the network recovers (displacement inside uniform tissue is invisible to any image registration).
+  displacement the network recovers (displacement inside uniform tissue is invisible to any image registration);
+* the two biases and ``recovered`` again in two parts of the brain: ``near LV``, within 2 working-grid voxels
+  of the true atlas' lateral ventricles, and ``elsewhere``. The atlas error the decoder learns is about bias /
+  recovered in each part, so a network can move GM/WM closer to the truth and the ventricles away from it.
 """
 from __future__ import annotations
 
@@ -34,10 +37,13 @@ from diffdef.io import atomic_path
 from diffdef.template import load_template
 
 from .stages import neighbourhood_weights, template_brain_mask
-from .synthetic import SyntheticCohort, default_law, median_ventricle_volume
+from .synthetic import VENTRICLES, SyntheticCohort, default_law, median_ventricle_volume
 
 POOL_OFFSET = 400  # the held-out subjects of the shipped cohort (training uses indices 0..399)
-COLUMNS = ("forward", "symmetric", "law", "bias forward", "bias symmetric", "recovered")
+COLUMNS = ("forward", "symmetric", "law", "bias forward", "bias symmetric", "recovered",
+           "bias forward, near LV", "bias forward, elsewhere", "bias symmetric, near LV", "bias symmetric, elsewhere",
+           "recovered, near LV", "recovered, elsewhere")
+NEAR_LV_VOXELS = 2  # dilation of the true ventricles (working-grid voxels) that defines "near LV"
 
 
 def _parse_conditions(text: str) -> list[tuple[float, float]]:
@@ -55,7 +61,8 @@ def _parse_conditions(text: str) -> list[tuple[float, float]]:
 @torch.no_grad()
 def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool: int = 400, seed: int = 0,
             progress: bool = True) -> list[dict]:
-    """One row per condition (keys: age, ventricle_volume and :data:`COLUMNS`, mm except ``recovered``)."""
+    """One row per condition (keys: age, ventricle_volume, :data:`COLUMNS` in mm except the ``recovered`` ones,
+    and ``near LV fraction``, the part of the brain's voxels near the ventricles)."""
     bundle = load_bundle(model, networks_wanted=("registration",))
     net = bundle.nets["registration"].eval()
     spec, grid = bundle.spec, bundle.working_grid
@@ -73,29 +80,38 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     images = torch.stack([it["image"] for it in items]).float()
     pool_conditions = spec.normalise_tensor(torch.stack([it["conditions"] for it in items]))
 
-    def rms(d):  # (1, 3, ...) mm -> RMS norm over the brain
-        return float(((d.pow(2).sum(1, keepdim=True) * mask).sum() / mask.sum()).sqrt())
+    def rms(d, region=mask):  # (1, 3, ...) mm -> RMS norm over the region (default the brain)
+        return float(((d.pow(2).sum(1, keepdim=True) * region).sum() / region.sum()).sqrt())
 
     rows = []
     for age, volume in conditions:
         volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
         w = neighbourhood_weights(spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1), pool_conditions, sigma)
         idx = torch.multinomial(w, neighbours, replacement=True, generator=torch.Generator().manual_seed(seed))
-        truth = law.true_atlas(age, volume, factor=factor)["displacement"]
+        true_atlas = law.true_atlas(age, volume, factor=factor)
+        truth = true_atlas["displacement"]
         atlas = fields.warp_image(t1, truth)
+        k = 2 * NEAR_LV_VOXELS + 1
+        near = torch.nn.functional.max_pool3d((true_atlas["labels"] == VENTRICLES).float(), k, 1, k // 2) * mask
+        regions = {"": mask, ", near LV": near, ", elsewhere": mask - near}
         fw = bw = rel = 0.0
-        dot = norm = 0.0
+        dot, norm = dict.fromkeys(regions, 0.0), dict.fromkeys(regions, 0.0)
         for chunk in tqdm(idx.split(20), desc=f"{age:g} y, {volume:.1f} ml", disable=not progress):
             atlases = atlas.expand(len(chunk), -1, -1, -1, -1)
             u = fields.integrate_velocity(net(atlases, images[chunk]).float()) * spacing
             v = fields.integrate_velocity(net(images[chunk], atlases).float()) * spacing
             t = torch.cat([law.subject_displacement(seed, POOL_OFFSET + int(i), grid) for i in chunk]) * spacing - truth * spacing
             fw, bw, rel = fw + u.sum(0, keepdim=True), bw + v.sum(0, keepdim=True), rel + t.sum(0, keepdim=True)
-            dot, norm = dot + float((u * t * mask).sum()), norm + float((t.pow(2) * mask).sum())
+            for r, region in regions.items():
+                dot[r] += float((u * t * region).sum())
+                norm[r] += float((t.pow(2) * region).sum())
         fw, bw, rel = fw / neighbours, bw / neighbours, rel / neighbours
-        rows.append({"age": age, "ventricle_volume": volume, "forward": rms(fw), "symmetric": rms((fw - bw) / 2),
-                     "law": rms(rel), "bias forward": rms(fw - rel), "bias symmetric": rms((fw - bw) / 2 - rel),
-                     "recovered": dot / norm})
+        row = {"age": age, "ventricle_volume": volume, "forward": rms(fw), "symmetric": rms((fw - bw) / 2),
+               "law": rms(rel), "near LV fraction": float(near.sum() / mask.sum())}
+        for r, region in regions.items():
+            row["bias forward" + r], row["bias symmetric" + r] = rms(fw - rel, region), rms((fw - bw) / 2 - rel, region)
+            row["recovered" + r] = dot[r] / norm[r]
+        rows.append(row)
     return rows
 
 

@@ -229,19 +229,19 @@ def neighbourhood_weights(condition: torch.Tensor, cohort_conditions: torch.Tens
     return torch.exp(-diff.pow(2).sum(1) / (2 * sigma**2)) + 1e-12
 
 
-def local_linear_factors(condition: torch.Tensor, cohort_conditions: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-subject factors ``f`` (N,) that turn the Gaussian neighbourhood into local-linear regression's
-    equivalent kernel ``w * f``: ``f_i = 1 - (d_i - mean_w d)^T S_w^-1 mean_w d``, with ``d_i`` subject i's
-    normalised offset from ``condition`` over the conditions it has (missing: 0) and ``S_w`` the weighted
-    covariance of ``d``. Then ``sum w f d = 0``: the weighted neighbourhood's mean condition is ``condition``
-    itself, also at the cohort's edges, where the Gaussian mean is pulled inwards (65 y / 10 ml: the law's
-    displacement averaged over the Gaussian neighbourhood misses the condition's own by 0.22 mm RMS, by
-    0.04 mm with these factors). Neighbours drawn with probability ``w`` are weighted by ``f`` alone. Written
-    here because no library offers the kernel of a weighted linear fit."""
+def local_linear_factors(condition: torch.Tensor, cohort_conditions: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-subject factors ``f`` (N,) that turn the Gaussian neighbourhood ``w`` ((N,), the
+    :func:`neighbourhood_weights` of ``condition``) into local-linear regression's equivalent kernel ``w * f``:
+    ``f_i = 1 - (d_i - mean_w d)^T S_w^-1 mean_w d``, with ``d_i`` subject i's normalised offset from
+    ``condition`` over the conditions it has (missing: 0) and ``S_w`` the weighted covariance of ``d``. Then
+    ``sum w f d = 0``: the weighted neighbourhood's mean condition is ``condition`` itself, also at the cohort's
+    edges, where the Gaussian mean is pulled inwards (65 y / 10 ml: the law's displacement averaged over the
+    Gaussian neighbourhood misses the condition's own by 0.22 mm RMS, by 0.04 mm with these factors).
+    Neighbours drawn with probability ``w`` are weighted by ``f`` alone. Written here because no library offers
+    the kernel of a weighted linear fit."""
     present = ~torch.isnan(condition)
     d = (cohort_conditions[:, present] - condition[present]).nan_to_num(0.0).double()
-    w = neighbourhood_weights(condition, cohort_conditions, sigma).double()
-    p = w / w.sum()
+    p = w.double() / w.sum()
     mean = (p[:, None] * d).sum(0)
     centred = d - mean
     cov = (p[:, None, None] * centred[:, :, None] * centred[:, None, :]).sum(0)
@@ -365,7 +365,7 @@ class DecoderObjective:
         idx = torch.multinomial(w, min(self.cfg.decoder.neighbours, len(w)), replacement=False, generator=gen)
         if not self.cfg.decoder.local_linear:
             return idx, None
-        return idx, local_linear_factors(condition, self.cohort.conditions, self.cfg.decoder.sigma)[idx]
+        return idx, local_linear_factors(condition, self.cohort.conditions, w)[idx]
 
     def mean_displacement(self, atlas, neighbour_images, weights=None) -> torch.Tensor:
         """Mean over the neighbours of the registration network's displacement from the atlas to each (mm,
