@@ -102,9 +102,10 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
             v = fields.integrate_velocity(net(images[chunk], atlases).float()) * spacing
             t = torch.cat([law.subject_displacement(seed, POOL_OFFSET + int(i), grid) for i in chunk]) * spacing - truth * spacing
             fw, bw, rel = fw + u.sum(0, keepdim=True), bw + v.sum(0, keepdim=True), rel + t.sum(0, keepdim=True)
+            ut, tt = (u * t).sum((0, 1), keepdim=True), t.pow(2).sum((0, 1), keepdim=True)  # per voxel, once
             for r, region in regions.items():
-                dot[r] += float((u * t * region).sum())
-                norm[r] += float((t.pow(2) * region).sum())
+                dot[r] += float((ut * region).sum())
+                norm[r] += float((tt * region).sum())
         fw, bw, rel = fw / neighbours, bw / neighbours, rel / neighbours
         row = {"age": age, "ventricle_volume": volume, "forward": rms(fw), "symmetric": rms((fw - bw) / 2),
                "law": rms(rel), "near LV fraction": float(near.sum() / mask.sum())}
