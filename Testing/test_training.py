@@ -546,6 +546,20 @@ def test_training_benchmark_defaults_to_the_shipped_config():
     assert load_config(bench_training.SHIPPED_CONFIG).decoder.steps == 800
 
 
+def test_training_benchmark_runs_every_stage(capsys):
+    """``bench_training`` times one step of each stage and projects the budget, on a config with a volume term as
+    the shipped one has (the decoder reads the condition's mean and sd from the cohort's spec: the benchmark once
+    left it unset and failed at the decoder)."""
+    from diffdef_training import bench_training
+
+    bench_training.main(["--config", str(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"), "--steps", "1",
+                         "--subjects", "8"])
+    out = capsys.readouterr().out
+    for stage in ("autoencoder", "diffusion", "registration", "decoder", "latent bank"):
+        assert stage in out
+    assert "projected total for this config" in out
+
+
 def test_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
     """sweep.sh retrains only the decoder (or the stages named by STAGES), with the override, on the given
     upstream stages, and scores its bundle on the validation conditions (tiny.yaml stands in for shipped.yaml)."""

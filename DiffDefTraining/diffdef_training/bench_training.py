@@ -15,7 +15,7 @@ import torch
 from . import stages
 from .config import load_config
 from .engine import RunContext
-from .pipeline import condition_spec, load_cohort
+from .pipeline import prepared_cohort
 
 
 def _timed(fn, steps: int) -> tuple[float, float]:
@@ -45,9 +45,7 @@ def main(argv=None):
     cfg = load_config(a.config, {"cohort": {"size": a.subjects}})
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     ctx = RunContext(0, 1, device, cfg.seed, cfg.amp)
-    cohort, raw = load_cohort(cfg, progress=False)
-    spec = condition_spec(cfg, raw)
-    cohort.conditions = spec.normalise_tensor(cohort.conditions)
+    cohort = prepared_cohort(cfg, progress=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         def run(name, fn):
@@ -74,7 +72,7 @@ def main(argv=None):
 
         run("autoencoder", stage_once("autoencoder", lambda d: stages.train_autoencoder(cfg, ctx, cohort, Path(d), progress=False)))
         latents = lat.repeat(len(cohort) // 4 + 1, 1, 1, 1, 1)[: len(cohort)]
-        diff = stages.ConditionalDiffusion(cfg.architecture, len(spec))
+        diff = stages.ConditionalDiffusion(cfg.architecture, len(cohort.spec))
         run("diffusion", stage_once("diffusion", lambda d: stages.train_diffusion(cfg, ctx, cohort, Path(d), latents, progress=False)))
         reg = stages.build_registration(cfg)
         run("registration", stage_once("registration", lambda d: stages.train_registration(cfg, ctx, cohort, Path(d), progress=False)))

@@ -81,6 +81,15 @@ def condition_spec(cfg: TrainConfig, raw: np.ndarray) -> ConditionSpec:
     return ConditionSpec(conds)
 
 
+def prepared_cohort(cfg: TrainConfig, progress: bool = True) -> stages.CohortTensors:
+    """The training cohort as the stages take it: conditions normalised by the cohort's own :class:`ConditionSpec`,
+    which it keeps as ``spec`` (the decoder's volume terms read their condition's mean and sd from it)."""
+    cohort, raw = load_cohort(cfg, progress=progress)
+    cohort.spec = condition_spec(cfg, raw)
+    cohort.conditions = cohort.spec.normalise_tensor(cohort.conditions)
+    return cohort
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -197,10 +206,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         raise ValueError(f"Stage {stale[0]} is not current in {out}; run it first (or list it in --stages).")
     if resume:
         check_resumable(cfg, out, builders, [s for s in only if not current(s)])
-    cohort, raw = load_cohort(cfg, progress=progress and ctx.is_main)
-    spec = condition_spec(cfg, raw)
-    cohort.conditions = spec.normalise_tensor(cohort.conditions)
-    cohort.spec = spec
+    cohort = prepared_cohort(cfg, progress=progress and ctx.is_main)
+    spec = cohort.spec
 
     def stage(name, train_fn):
         d = out / name
