@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Retrain the shipped default model from scratch (about 2 h 40 min on a 2-core CPU), its MP-loss ablation, and
+# Retrain the shipped default model from scratch (about 2 h 20 min on a 2-core CPU), its MP-loss ablation, and
 # install the bundle into DiffDefSlicer/Resources/Models/default. Safe to re-run: finished stages are skipped,
 # and RESUME=1 continues interrupted stages from their checkpoints.
 set -euo pipefail
