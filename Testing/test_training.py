@@ -21,7 +21,7 @@ from diffdef import fields
 from diffdef_training import stages
 from diffdef_training.config import ConfigError, load_config
 from diffdef_training.engine import CheckpointError, RunContext
-from diffdef_training.pipeline import load_cohort, run_pipeline
+from diffdef_training.pipeline import prepared_cohort, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 # the smallest useful networks; 4 norm groups (2 channels each): with one channel per group the conv biases before a
@@ -109,13 +109,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 # -- 3. resume ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_cohort():
-    cfg = load_config(None, SMALL)
-    cohort, raw = load_cohort(cfg, progress=False)
-    from diffdef_training.pipeline import condition_spec
-
-    spec = condition_spec(cfg, raw)
-    cohort.conditions, cohort.spec = spec.normalise_tensor(cohort.conditions), spec
-    return cohort
+    return prepared_cohort(load_config(None, SMALL), progress=False)
 
 
 def _train(name, cfg, cohort, out, seed, **kw):

@@ -207,7 +207,6 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     if resume:
         check_resumable(cfg, out, builders, [s for s in only if not current(s)])
     cohort = prepared_cohort(cfg, progress=progress and ctx.is_main)
-    spec = cohort.spec
 
     def stage(name, train_fn):
         d = out / name
@@ -264,7 +263,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     meta = {
         "template": {},
         "working_grid": {**working.grid.to_dict(), **working.to_dict()},
-        "conditions": spec.to_list(),
+        "conditions": cohort.spec.to_list(),
         "architecture": {**arch, "registration": stages.registration_architecture(cfg),
                          "decoder": stages.decoder_architecture(cfg)},
         "latent": {"shape": list(latents.shape[1:]), "scale_factor": scale},
