@@ -463,26 +463,30 @@ def test_bank_mixing_draws_conditions_independently(small_cohort):
 
 def test_decoder_neighbourhood_volume_term(small_cohort):
     """The neighbourhood-volume term: at the identity the atlas keeps the template's volumes, so its error is
-    the template's volume against the Gaussian-weighted mean of the subjects' (hand-computed here); a cohort
-    without label maps is refused."""
+    the template's volume against the Gaussian-weighted mean of the subjects' (hand-computed here), per label or
+    per group of labels counted together; a cohort without label maps is refused."""
     import copy
 
     from diffdef.networks import RegistrationNet
 
-    cfg = load_config(None, {**SMALL, "decoder": {"neighbourhood_volume_labels": [2, 3]}})
-    objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
     cond = small_cohort.spec.normalise({"age": 70.0, "ventricle_volume": 30.0})[0]
-    zero = torch.zeros(1, 3, *small_cohort.images.shape[2:], requires_grad=True)
-    loss, errors = objective.neighbourhood_volume(zero, cond)
     tmpl = small_cohort.template_fractions.argmax(1)
     subj = small_cohort.labels.argmax(1)
-    w = stages.neighbourhood_weights(cond, small_cohort.conditions, cfg.decoder.sigma)
-    for e, label in zip(errors, (2, 3)):
-        ratios = (subj == label).sum(dim=(1, 2, 3)).float() / (tmpl == label).sum()
-        target = float((w * ratios).sum() / w.sum())
-        assert e == pytest.approx(100 * (1 / target - 1), abs=1e-3)
-    loss.backward()
-    assert zero.grad.abs().sum() > 0
+    # each label alone, and GM + WM counted together (brain tissue): one term per entry
+    for entries, groups in (([2, 3], [(2,), (3,)]), ([[2, 3]], [(2, 3)])):
+        cfg = load_config(None, {**SMALL, "decoder": {"neighbourhood_volume_labels": entries}})
+        objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+        zero = torch.zeros(1, 3, *small_cohort.images.shape[2:], requires_grad=True)
+        loss, errors = objective.neighbourhood_volume(zero, cond)
+        w = stages.neighbourhood_weights(cond, small_cohort.conditions, cfg.decoder.sigma)
+        assert len(errors) == len(groups)
+        for e, group in zip(errors, groups):
+            inside = lambda labels: sum(labels == label for label in group)
+            ratios = inside(subj).sum(dim=(1, 2, 3)).float() / inside(tmpl).sum()
+            target = float((w * ratios).sum() / w.sum())
+            assert e == pytest.approx(100 * (1 / target - 1), abs=1e-3)
+        loss.backward()
+        assert zero.grad.abs().sum() > 0
     unlabelled = copy.copy(small_cohort)
     unlabelled.labels = None
     with pytest.raises(ValueError, match="label maps"):
@@ -492,7 +496,10 @@ def test_decoder_neighbourhood_volume_term(small_cohort):
 @pytest.mark.parametrize("decoder, words", [
     ({"neighbourhood_volume_labels": [0]}, "template label values"),
     ({"neighbourhood_volume_labels": [2, 7]}, "template label values"),
-    ({"volume_labels": {"ventricle_volume": 4}, "neighbourhood_volume_labels": [4]}, "in both")])
+    ({"neighbourhood_volume_labels": [[2, 7]]}, "template label values"),
+    ({"neighbourhood_volume_labels": [[]]}, "empty group"),
+    ({"volume_labels": {"ventricle_volume": 4}, "neighbourhood_volume_labels": [4]}, "in both"),
+    ({"volume_labels": {"ventricle_volume": 4}, "neighbourhood_volume_labels": [[3, 4]]}, "in both")])
 def test_config_refuses_bad_neighbourhood_volume_labels(decoder, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, {"decoder": decoder})

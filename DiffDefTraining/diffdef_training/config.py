@@ -95,7 +95,7 @@ class DecoderConfig(StageConfig):
     condition_dropout: float = 0.15  # per condition, for the latent bank
     bank_mixing: float = 0.0  # fraction of the bank whose conditions are drawn independently of each other (covers combinations the cohort lacks)
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
-    neighbourhood_volume_labels: list = field(default_factory=list)  # template labels whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3]; majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model leaves it empty
+    neighbourhood_volume_labels: list = field(default_factory=list)  # template labels, or lists of labels counted together, whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3] or [[2, 3]] (brain tissue, GM + WM: the majority-vote GM/WM miscount cancels); majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model leaves it empty
     volume_on_template_grid: bool = field(default=False, metadata=ADDED)  # measure volume_labels on the 1 mm template grid (a box around each label) instead of the working grid's block-averaged fractions, which read large changes short (60 ml asked: 61.8 ml at 4 mm, 67.2 ml at 1 mm)
     volume_weight: float = 1.0  # weight of the volume terms (squared log ratios of atlas to requested / neighbourhood volume)
 
@@ -222,6 +222,12 @@ def _build_onto(default, data: dict, prefix: str):
     return type(default)(**base)
 
 
+def neighbourhood_volume_groups(decoder: DecoderConfig) -> list[list]:
+    """``decoder.neighbourhood_volume_labels`` as groups of label values whose volumes count together: a label
+    alone is a group of one."""
+    return [list(e) if isinstance(e, list) else [e] for e in decoder.neighbourhood_volume_labels]
+
+
 def _check_label(label, what: str) -> None:
     """Refuse anything but the value of a template label other than background."""
     if isinstance(label, bool) or not isinstance(label, int) or label not in LABEL_NAMES or label == 0:
@@ -243,9 +249,13 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if name not in cfg.cohort.conditions:
             raise ConfigError(f"decoder.volume_labels names {name!r}, which is not in cohort.conditions {cfg.cohort.conditions}.")
         _check_label(label, f"decoder.volume_labels.{name} must be a template label value")
-    for label in cfg.decoder.neighbourhood_volume_labels:
-        _check_label(label, "decoder.neighbourhood_volume_labels must list template label values")
-    clash = set(cfg.decoder.neighbourhood_volume_labels) & set(cfg.decoder.volume_labels.values())
+    groups = neighbourhood_volume_groups(cfg.decoder)
+    for group in groups:
+        if not group:
+            raise ConfigError("decoder.neighbourhood_volume_labels has an empty group; list its labels, e.g. [[2, 3]].")
+        for label in group:
+            _check_label(label, "decoder.neighbourhood_volume_labels must list template label values (or lists of them)")
+    clash = {label for group in groups for label in group} & set(cfg.decoder.volume_labels.values())
     if clash:
         raise ConfigError(f"Label {sorted(clash)[0]} is in both decoder.volume_labels (its volume is a condition) "
                           "and decoder.neighbourhood_volume_labels; keep it in one.")

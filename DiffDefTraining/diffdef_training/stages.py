@@ -17,7 +17,7 @@ from diffdef.networks import ConditionEmbedding, DeformationDecoder, Registratio
 from diffdef.sampling import sample_latents
 from diffdef.template import load_template
 
-from .config import TrainConfig
+from .config import TrainConfig, neighbourhood_volume_groups
 from .engine import RunContext, StepData, sample_generator, train
 
 
@@ -256,10 +256,11 @@ class DecoderObjective:
     similarity = LNCC loss between the atlas and the neighbours; smoothness = diffusion regulariser of the
     velocity; volume = (log(V_atlas / V_requested))^2 summed over the conditions that are label volumes
     (``decoder.volume_labels``), V_atlas the template label's volume in the warped template (ml,
-    :meth:`label_volumes`), plus, for each label of ``decoder.neighbourhood_volume_labels``,
-    (log(r_atlas / r_neighbourhood))^2 with r the label's volume relative to the template's: the atlas's from
-    the warped fractions, the neighbourhood's the Gaussian-weighted mean over the cohort's label maps (each
-    divided by the template's volume measured the same way, so the label maps' partial-volume bias cancels).
+    :meth:`label_volumes`), plus, for each label (or group of labels counted together) of
+    ``decoder.neighbourhood_volume_labels``, (log(r_atlas / r_neighbourhood))^2 with r its volume relative to the
+    template's: the atlas's from the warped fractions, the neighbourhood's the Gaussian-weighted mean over the
+    cohort's label maps (each divided by the template's volume measured the same way, so the label maps'
+    partial-volume bias cancels).
 
     Why the volume term: the Gaussian neighbourhood only pulls the atlas towards its neighbours' *mean*, and
     through a registration network that recovers part of each displacement; at the edges of the cohort (10 or
@@ -288,18 +289,18 @@ class DecoderObjective:
         self.voxel_ml = cohort.grid.voxel_volume_ml
         self.fine_volume_labels = [self._fine_label(label, device) for label in cfg.decoder.volume_labels.values()] \
             if cfg.decoder.volume_on_template_grid else None
-        labels = list(cfg.decoder.neighbourhood_volume_labels)
-        self.neighbourhood_fractions = cohort.template_fractions[:, labels].to(device)  # (1, V, ...)
-        if labels:
+        groups = neighbourhood_volume_groups(cfg.decoder)
+        self.neighbourhood_fractions = _grouped(cohort.template_fractions, groups).to(device)  # (1, V, ...)
+        if groups:
             if cohort.labels is None:
                 raise ValueError("decoder.neighbourhood_volume_labels needs label maps for every cohort subject "
                                  "(a 'labels' column in the manifest); remove the key or add the label maps.")
-            template_hard = fields.one_hot(cohort.template_fractions.argmax(1, keepdim=True),
-                                           cohort.template_fractions.shape[1])[:, labels].sum(dim=(2, 3, 4))  # (1, V)
-            # each subject's label volumes relative to the template's, both from hard label maps: (N, V)
-            self.neighbourhood_ratios = cohort.labels[:, labels].sum(dim=(2, 3, 4)).float() / template_hard
+            template_hard = _grouped(fields.one_hot(cohort.template_fractions.argmax(1, keepdim=True),
+                                                    cohort.template_fractions.shape[1]), groups).sum(dim=(2, 3, 4))  # (1, V)
+            # each subject's group volumes relative to the template's, both from hard label maps: (N, V)
+            self.neighbourhood_ratios = _grouped(cohort.labels, groups).sum(dim=(2, 3, 4)).float() / template_hard
             self.template_soft = self.neighbourhood_fractions.sum(dim=(0, 2, 3, 4))  # (V,) voxels
-        self.has_volume_terms = bool(self.volume_columns or labels)
+        self.has_volume_terms = bool(self.volume_columns or groups)
 
     def atlas(self, velocity) -> tuple[torch.Tensor, torch.Tensor]:
         """The template warped by the integrated velocity, and the displacement (working-grid voxels)."""
@@ -393,6 +394,11 @@ class DecoderObjective:
             centrality = (mean_mm.pow(2).sum(1, keepdim=True) * self.mask).sum() / self.mask.sum()
         return {"centrality": centrality, "similarity": self.lncc(moving, neighbour_images),
                 "smoothness": self.smooth(velocity)}
+
+
+def _grouped(maps: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Label maps or fractions (B, L, ...) summed within each group of label values: (B, len(groups), ...)."""
+    return torch.stack([maps[:, group].sum(1) for group in groups], 1) if groups else maps[:, :0]
 
 
 def decoder_architecture(cfg: TrainConfig) -> dict:
