@@ -573,7 +573,7 @@ def test_training_benchmark_times_steps_inside_the_loop(small_cohort, tmp_path):
     ctx = RunContext(0, 1, torch.device("cpu"), cfg.seed)
     t = time.perf_counter()
     times, peak = bench_training.stage_step_times(
-        cfg, "registration", lambda d: stages.train_registration(cfg, ctx, cohort, d, progress=False), 3, tmp_path)
+        cfg, "registration", lambda c, d: stages.train_registration(c, ctx, cohort, d, progress=False), 3, tmp_path)
     wall = time.perf_counter() - t
     assert len(times) == 3 and all(s > 0 for s in times) and sum(times) < wall and peak > 0
     assert cfg.registration is before

@@ -28,19 +28,16 @@ from .pipeline import prepared_cohort
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shipped.yaml"
 
 
-def stage_step_times(cfg: TrainConfig, name: str, train_fn: Callable[[Path], object], steps: int,
+def stage_step_times(cfg: TrainConfig, name: str, train_fn: Callable[[TrainConfig, Path], object], steps: int,
                      out: Path) -> tuple[list[float], float]:
-    """Run stage ``name`` for ``steps + 1`` steps through ``train_fn(stage_dir)`` with ``cfg``'s settings (no
-    checkpoints, one warm-up step of the learning rate); returns the logged seconds of the ``steps`` steps after
-    the first and the peak memory (MiB: GPU allocations, else the process's maximum resident set)."""
-    saved = getattr(cfg, name)
-    setattr(cfg, name, dataclasses.replace(saved, steps=steps + 1, warmup=1, log_every=1, checkpoint_every=10**9))
+    """Run stage ``name`` for ``steps + 1`` steps through ``train_fn(stage_cfg, stage_dir)``, ``stage_cfg`` a copy
+    of ``cfg`` (no checkpoints, one warm-up step of the learning rate); returns the logged seconds of the
+    ``steps`` steps after the first and the peak memory (MiB: GPU allocations, else the process's maximum
+    resident set)."""
+    short = dataclasses.replace(cfg.stage(name), steps=steps + 1, warmup=1, log_every=1, checkpoint_every=10**9)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
-        train_fn(out / name)
-    finally:
-        setattr(cfg, name, saved)
+    train_fn(dataclasses.replace(cfg, **{name: short}), out / name)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     with open(out / name / "log.csv", newline="") as f:
@@ -62,20 +59,20 @@ def main(argv=None):
     # untrained upstream networks stand in for trained ones: a step costs the same
     ae = stages.build_autoencoder(cfg.architecture["autoencoder"])
     latents = stages.encode_latents(ae, cohort.images, device)
-    bank_latents = latents[:1].repeat(cfg.decoder.bank_size, 1, 1, 1, 1)
-    bank = (cohort.conditions.repeat(cfg.decoder.bank_size // len(cohort) + 1, 1)[: cfg.decoder.bank_size], bank_latents)
+    bank = (cohort.conditions.repeat(cfg.decoder.bank_size // len(cohort) + 1, 1)[: cfg.decoder.bank_size],
+            latents[:1].repeat(cfg.decoder.bank_size, 1, 1, 1, 1))
     reg = stages.build_registration(cfg)
     runs = {
-        "autoencoder": lambda d: stages.train_autoencoder(cfg, ctx, cohort, d, progress=False),
-        "diffusion": lambda d: stages.train_diffusion(cfg, ctx, cohort, d, latents, progress=False),
-        "registration": lambda d: stages.train_registration(cfg, ctx, cohort, d, progress=False),
-        "decoder": lambda d: stages.train_decoder(cfg, ctx, cohort, d, ae, reg, bank, progress=False),
+        "autoencoder": lambda c, d: stages.train_autoencoder(c, ctx, cohort, d, progress=False),
+        "diffusion": lambda c, d: stages.train_diffusion(c, ctx, cohort, d, latents, progress=False),
+        "registration": lambda c, d: stages.train_registration(c, ctx, cohort, d, progress=False),
+        "decoder": lambda c, d: stages.train_decoder(c, ctx, cohort, d, ae, reg, bank, progress=False),
     }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, train_fn in runs.items():
             times, peak = stage_step_times(cfg, name, train_fn, a.steps, Path(tmp))
-            results[name] = (statistics.median(times), peak, getattr(cfg, name).steps)
+            results[name] = (statistics.median(times), peak, cfg.stage(name).steps)
     n_bank = min(8, cfg.decoder.bank_size)
     diffusion = stages.ConditionalDiffusion(cfg.architecture, len(cohort.spec))
     t = time.perf_counter()
