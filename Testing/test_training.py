@@ -273,6 +273,30 @@ def test_decoder_without_mp_loss_trains(tiny_run, tmp_path):
     assert _max_diff(_weights(bundle / "decoder.safetensors"), _weights(tiny_run / "bundle" / "decoder.safetensors")) > 0
 
 
+def test_decoder_loss_weights_each_logged_term(tiny_run, tmp_path):
+    """The decoder's logged total loss is its logged terms weighted as configured, and the neighbourhood-volume
+    term has a weight of its own (3 here, the requested-volume term 1): tiny.yaml's decoder retrained."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("bundle"))
+    cfg = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml",
+                      {"output": str(run), "decoder": {"neighbourhood_volume_weight": 3.0}})
+    run_pipeline(cfg, progress=False)
+    d = cfg.decoder
+    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(run / "decoder" / "log.csv"))]
+    assert len(rows) == d.steps and d.volume_weight == 1.0
+    for r in rows:
+        assert r["neighbourhood_volume"] > 0
+        terms = (d.sim_weight * r["similarity"] + d.smooth_weight * r["smoothness"] + d.mp_weight * r["centrality"]
+                 + d.volume_weight * r["volume"] + 3.0 * r["neighbourhood_volume"])
+        assert r["loss"] == pytest.approx(terms, rel=1e-5)
+
+
+def test_config_refuses_a_negative_volume_weight():
+    for key in ("volume_weight", "neighbourhood_volume_weight"):
+        with pytest.raises(ConfigError, match=rf"decoder\.{key} must be >= 0"):
+            load_config(None, {"decoder": {key: -1.0}})
+
+
 def test_decoder_objective_terms(small_cohort):
     from diffdef.networks import RegistrationNet
 
@@ -632,8 +656,8 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     assert key.startswith("DecoderConfig(steps=3, ") and "symmetric_centrality" not in key and key.endswith("volume_weight=1.0)")
     for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
                             ("decoder", "local_linear"), ("registration", "antisymmetric"),
-                            ("decoder", "velocity_smoothing_mm")):
-        value = 4.0 if option == "velocity_smoothing_mm" else True
+                            ("decoder", "velocity_smoothing_mm"), ("decoder", "neighbourhood_volume_weight")):
+        value = 4.0 if option in ("velocity_smoothing_mm", "neighbourhood_volume_weight") else True
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)
         assert f"{option}={value}" in settings_key(getattr(changed, section))

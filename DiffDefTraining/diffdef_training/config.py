@@ -97,7 +97,8 @@ class DecoderConfig(StageConfig):
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
     neighbourhood_volume_labels: list = field(default_factory=list)  # template labels, or lists of labels counted together, whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3] or [[2, 3]] (brain tissue, GM + WM: the majority-vote GM/WM miscount cancels); majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model leaves it empty
     volume_on_template_grid: bool = field(default=False, metadata=ADDED)  # measure volume_labels on the 1 mm template grid (a box around each label) instead of the working grid's block-averaged fractions, which read large changes short (60 ml asked: 61.8 ml at 4 mm, 67.2 ml at 1 mm)
-    volume_weight: float = 1.0  # weight of the volume terms (squared log ratios of atlas to requested / neighbourhood volume)
+    volume_weight: float = 1.0  # weight of the requested-volume term (squared log ratio of atlas to requested volume, volume_labels)
+    neighbourhood_volume_weight: float = field(default=1.0, metadata=ADDED)  # weight of the neighbourhood-volume term (squared log ratio of atlas to neighbourhood volume, neighbourhood_volume_labels)
 
 
 @dataclass
@@ -261,8 +262,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                           "and decoder.neighbourhood_volume_labels; keep it in one.")
     if not 0 <= cfg.decoder.bank_mixing <= 1:
         raise ConfigError(f"decoder.bank_mixing must be in [0, 1], got {cfg.decoder.bank_mixing}.")
-    if cfg.decoder.volume_weight < 0:
-        raise ConfigError(f"decoder.volume_weight must be >= 0, got {cfg.decoder.volume_weight}.")
+    for key in ("volume_weight", "neighbourhood_volume_weight"):
+        if getattr(cfg.decoder, key) < 0:
+            raise ConfigError(f"decoder.{key} must be >= 0, got {getattr(cfg.decoder, key)}.")
     if cfg.cohort.factor not in (2, 4, 8):
         raise ConfigError(f"cohort.factor must be 2, 4 or 8 (the 1 mm crop 160x192x160 divides), got {cfg.cohort.factor}.")
     conds = cfg.cohort.conditions

@@ -195,7 +195,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
             with ctxm, torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, logs = loss_fn(ddp, step, micro)
                 (loss / cfg.accumulate).backward()
-            for k, v in logs.items():
+            for k, v in {"loss": loss.item(), **logs}.items():  # the total optimised, then the stage's terms
                 logs_sum[k] = logs_sum.get(k, 0.0) + v / cfg.accumulate
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

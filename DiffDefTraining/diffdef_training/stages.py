@@ -441,10 +441,12 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
             if objective.has_volume_terms:
                 requested, errors = objective.volume(disp[b : b + 1], cond[b])
                 volume_errors += errors
-                kept, errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
-                neighbourhood_errors += errors
-                t["volume"] = requested + kept
-                loss = loss + dcfg.volume_weight * t["volume"]
+                t["volume"] = requested
+                loss = loss + dcfg.volume_weight * requested
+                if objective.neighbourhood_fractions.shape[1]:
+                    t["neighbourhood_volume"], errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
+                    neighbourhood_errors += errors
+                    loss = loss + dcfg.neighbourhood_volume_weight * t["neighbourhood_volume"]
             total = total + loss / len(idx)
             for k, v in t.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / len(idx)
