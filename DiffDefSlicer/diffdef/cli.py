@@ -316,12 +316,16 @@ def _opt(args, name, default=None):
     return getattr(args, name, default)
 
 
-def _generator(args, timings: dict):
+def _generator(args, timings: dict, conditions: dict | None = None, progress=None):
+    """The model loaded (its time in ``timings["load_s"]``); with ``conditions``, their extrapolation warnings
+    are printed through ``progress``."""
     t = time.perf_counter()
     from .generate import AtlasGenerator
 
     gen = AtlasGenerator(_opt(args, "model"), device=_opt(args, "device", "auto"))
     timings["load_s"] = time.perf_counter() - t
+    for w in gen.spec.validate(conditions)[1] if conditions is not None else []:
+        progress.write(f"warning: {w}")
     return gen
 
 
@@ -337,9 +341,7 @@ def cmd_generate(args, spec) -> int:
     timings = {}
     progress = Progress(not _opt(args, "no_progress", False), "generate")
     try:
-        gen = _generator(args, timings)
-        for w in gen.spec.validate(conditions)[1]:
-            progress.write(f"warning: {w}")
+        gen = _generator(args, timings, conditions, progress)
         atlas = gen.generate(conditions, seed=_opt(args, "seed", 0), steps=_opt(args, "steps"),
                              guidance=_opt(args, "guidance"), jacobian=_opt(args, "jacobian", False),
                              progress=progress.callback(0.0, 0.8))
@@ -420,9 +422,7 @@ def cmd_compare(args, spec) -> int:
     timings = {}
     progress = Progress(not _opt(args, "no_progress", False), "compare")
     try:
-        gen = _generator(args, timings)
-        for w in gen.spec.validate(conditions)[1]:
-            progress.write(f"warning: {w}")
+        gen = _generator(args, timings, conditions, progress)
         try:
             result = compare_subject(gen, subject, subject_grid, conditions, subject_labels=labels,
                                      seed=_opt(args, "seed", 0), progress=progress.callback(0.0, 0.85),
