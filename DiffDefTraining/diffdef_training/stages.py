@@ -270,8 +270,10 @@ class DecoderObjective:
     atlas keeps its neighbourhood's mean volume. Its targets are only as good as the cohort's working-grid label
     maps: majority-vote labels at 4 mm overstate thin structures' relative volume (GM +2.7 %, WM -2.4 % against
     the soft fractions, mean over 400 synthetic subjects: ``diffdef-train cohort-stats``); the shipped model
-    trained with these targets scored GM/WM Dice 0.927/0.924 against 0.933/0.935 without them, so the shipped
-    configuration leaves ``neighbourhood_volume_labels`` empty."""
+    trained with these targets scored GM/WM Dice 0.927/0.924 against 0.933/0.935 without them. Counted together
+    (``[[2, 3]]``, brain tissue) the miscounts cancel: at ``neighbourhood_volume_weight`` 100 that term kept the
+    worst tissue error at 1.89 % against 2.02 % without it, but lowered the ventricles' Dice at the cohort's edge,
+    so the shipped configuration leaves ``neighbourhood_volume_labels`` empty (docs/decoder-sweep.md, fifth round)."""
 
     def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
         self.cfg, self.cohort, self.device = cfg, cohort, device
