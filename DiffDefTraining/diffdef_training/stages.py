@@ -292,6 +292,7 @@ class DecoderObjective:
         self.fine_volume_labels = [self._fine_label(label, device) for label in cfg.decoder.volume_labels.values()] \
             if cfg.decoder.volume_on_template_grid else None
         groups = neighbourhood_volume_groups(cfg.decoder)
+        self.has_neighbourhood_volume = bool(groups)
         self.neighbourhood_fractions = _grouped(cohort.template_fractions, groups).to(device)  # (1, V, ...)
         if groups:
             if cohort.labels is None:
@@ -352,7 +353,7 @@ class DecoderObjective:
 
     def neighbourhood_volume(self, disp, condition) -> tuple[torch.Tensor, list[float]]:
         """The neighbourhood-volume term of one atlas and the relative errors (%) per label; 0 without labels."""
-        if not self.neighbourhood_fractions.shape[1]:
+        if not self.has_neighbourhood_volume:
             return disp.new_zeros(()), []
         w = neighbourhood_weights(condition.cpu(), self.cohort.conditions, self.cfg.decoder.sigma)
         target = ((w[:, None] * self.neighbourhood_ratios).sum(0) / w.sum()).to(disp.device)
@@ -445,7 +446,7 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
                 volume_errors += errors
                 t["volume"] = requested
                 loss = loss + dcfg.volume_weight * requested
-                if objective.neighbourhood_fractions.shape[1]:
+                if objective.has_neighbourhood_volume:
                     t["neighbourhood_volume"], errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
                     neighbourhood_errors += errors
                     loss = loss + dcfg.neighbourhood_volume_weight * t["neighbourhood_volume"]
