@@ -343,6 +343,49 @@ def test_local_linear_factors_centre_the_neighbourhood_on_the_condition():
     assert torch.allclose(stages.local_linear_factors(inside, cohort, wi)[nearest], torch.ones(50), atol=0.2)
 
 
+def test_log_scale_neighbourhood_centres_a_small_volume():
+    """``decoder.log_conditions`` measures a volume's neighbourhood distance on the log scale: its coordinate is
+    (log V - mean log V) / sd log V over the cohort, the other conditions and missing values are unchanged, and on
+    a log-normal cohort the neighbourhood of a small volume is no longer pulled towards larger ones. A cohort
+    with a non-positive value of it is refused."""
+    from diffdef.conditions import Condition, ConditionSpec
+
+    g = torch.Generator().manual_seed(0)
+    volume = 25 * torch.exp(0.45 * torch.randn(400, generator=g))  # ml, log-normal like the synthetic cohort's
+    raw = torch.stack([60 + 10 * torch.randn(400, generator=g), volume], 1)
+    raw[::9, 0] = float("nan")
+    spec = ConditionSpec([Condition("age", "years", 60.0, 10.0, 40.0, 80.0),
+                          Condition("ventricle_volume", "ml", float(volume.mean()), float(volume.std()), 5.0, 120.0)])
+    cohort = spec.normalise_tensor(raw)
+    linear, logs = stages.NeighbourhoodSpace(spec, cohort), stages.NeighbourhoodSpace(spec, cohort, ["ventricle_volume"])
+    assert torch.equal(linear.cohort.nan_to_num(7.0), cohort.nan_to_num(7.0))
+    log_v = volume.double().log()
+    assert torch.allclose(logs.cohort[:, 1].double(), (log_v - log_v.mean()) / log_v.std(), atol=1e-5)
+    assert torch.equal(logs.cohort[:, 0].nan_to_num(7.0), cohort[:, 0].nan_to_num(7.0))
+    small = spec.normalise({"age": 60.0, "ventricle_volume": 10.0})[0]
+    assert torch.equal(linear.weights(small, 0.3), stages.neighbourhood_weights(small, cohort, 0.3))
+    mean_volume = {name: float((space.weights(small, 0.3) * volume).sum() / space.weights(small, 0.3).sum())
+                   for name, space in (("linear", linear), ("log", logs))}
+    assert mean_volume["linear"] > 12.5 and mean_volume["log"] < 11.5  # asked 10 ml
+    with pytest.raises(ValueError, match="log_conditions"):
+        stages.NeighbourhoodSpace(spec, spec.normalise_tensor(raw * torch.tensor([1.0, -1.0])), ["ventricle_volume"])
+
+
+def test_decoder_neighbours_come_from_the_log_scale_neighbourhood(small_cohort):
+    """The decoder's objective draws its neighbours and its local-linear weights in :class:`NeighbourhoodSpace`."""
+    from diffdef.networks import RegistrationNet
+
+    cfg = load_config(None, {**SMALL, "decoder": {"local_linear": True, "log_conditions": ["ventricle_volume"]}})
+    objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+    space = stages.NeighbourhoodSpace(small_cohort.spec, small_cohort.conditions, ["ventricle_volume"])
+    cond = small_cohort.conditions[0]
+    idx, weights = objective.neighbours(cond, torch.Generator().manual_seed(0))
+    w = space.weights(cond, cfg.decoder.sigma)
+    assert torch.equal(idx, torch.multinomial(w, min(cfg.decoder.neighbours, len(w)), replacement=False,
+                                              generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(weights, stages.local_linear_factors(space(cond), space.cohort, w)[idx])
+
+
 def test_local_linear_centrality_weights_the_neighbours(small_cohort):
     """With ``decoder.local_linear`` the centrality is the factor-weighted mean of the neighbours' displacements."""
     from diffdef.networks import RegistrationNet
@@ -537,6 +580,12 @@ def test_config_refuses_bad_volume_labels(volume_labels, words):
         load_config(None, {"decoder": {"volume_labels": volume_labels}})
 
 
+@pytest.mark.parametrize("log_conditions", [["brain_age"], ["ventricle_volume", "sex"]])
+def test_config_refuses_an_unknown_log_condition(log_conditions):
+    with pytest.raises(ConfigError, match="decoder.log_conditions names .* not in cohort.conditions"):
+        load_config(None, {"decoder": {"log_conditions": log_conditions}})
+
+
 def test_docs_schema_table_is_current():
     from diffdef_training.config import schema_table
 
@@ -656,8 +705,10 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     assert key.startswith("DecoderConfig(steps=3, ") and "symmetric_centrality" not in key and key.endswith("volume_weight=1.0)")
     for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
                             ("decoder", "local_linear"), ("registration", "antisymmetric"),
-                            ("decoder", "velocity_smoothing_mm"), ("decoder", "neighbourhood_volume_weight")):
-        value = 4.0 if option in ("velocity_smoothing_mm", "neighbourhood_volume_weight") else True
+                            ("decoder", "velocity_smoothing_mm"), ("decoder", "neighbourhood_volume_weight"),
+                            ("decoder", "log_conditions")):
+        value = {"velocity_smoothing_mm": 4.0, "neighbourhood_volume_weight": 4.0,
+                 "log_conditions": ["ventricle_volume"]}.get(option, True)
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)
         assert f"{option}={value}" in settings_key(getattr(changed, section))

@@ -70,7 +70,11 @@ class RegistrationConfig(StageConfig):
 
 def identity_fields(section) -> list:
     """The fields of a config section that identify a run: all but :data:`ADDED` options at their default."""
-    return [f for f in dataclasses.fields(section) if not (f.metadata.get("added") and getattr(section, f.name) == f.default)]
+    return [f for f in dataclasses.fields(section) if not (f.metadata.get("added") and getattr(section, f.name) == _default(f))]
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def settings_key(section) -> str:
@@ -89,6 +93,7 @@ class DecoderConfig(StageConfig):
     symmetric_centrality: bool = field(default=False, metadata=ADDED)  # centrality from both registration directions, (u(atlas->n) - u(n->atlas)) / 2: cancels the network's direction-independent bias (a forward pass more per neighbour)
     local_linear: bool = field(default=False, metadata=ADDED)  # weight the neighbours in the centrality by local-linear regression's kernel, so their weighted mean condition is the asked one also at the cohort's edges (Gaussian weights alone pull it inwards)
     velocity_smoothing_mm: float = field(default=0.0, metadata=ADDED)  # sigma (mm) of a fixed Gaussian filter on the decoder's velocity output, part of the network (recorded in the bundle's architecture); 0 = none
+    log_conditions: list = field(default_factory=list, metadata=ADDED)  # conditions whose distance in the Gaussian neighbourhood is measured on the log scale (standardised over the cohort), e.g. [ventricle_volume]: a volume varies by a factor, and on the linear scale the neighbourhood of a small volume is skewed towards larger ones
     sim_weight: float = 1.0  # weight of the LNCC similarity to the neighbours
     smooth_weight: float = 0.5  # diffusion regulariser weight on the generated velocity
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
@@ -250,6 +255,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if name not in cfg.cohort.conditions:
             raise ConfigError(f"decoder.volume_labels names {name!r}, which is not in cohort.conditions {cfg.cohort.conditions}.")
         _check_label(label, f"decoder.volume_labels.{name} must be a template label value")
+    for name in cfg.decoder.log_conditions:
+        if name not in cfg.cohort.conditions:
+            raise ConfigError(f"decoder.log_conditions names {name!r}, which is not in cohort.conditions {cfg.cohort.conditions}.")
     groups = neighbourhood_volume_groups(cfg.decoder)
     for group in groups:
         if not group:
