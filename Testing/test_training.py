@@ -528,6 +528,35 @@ def test_bank_mixing_draws_conditions_independently(small_cohort):
         assert torch.equal(conds, stages.bank_conditions(cfg, small_cohort))  # deterministic in the seed
 
 
+def test_bank_uniform_covers_the_cohorts_edges(small_cohort):
+    """With bank_uniform 0.5 after bank_mixing 0.25, a quarter of the bank is mixed, the next half is drawn
+    uniformly between the cohort's extremes (log-uniformly for a log condition: its log is uniform, so its
+    geometric mean is about the extremes'), the last quarter keeps the subjects' own pairs."""
+    pairs = {tuple(c.tolist()) for c in small_cohort.conditions}
+    cfg = load_config(None, {**SMALL, "decoder": {"bank_size": 400, "condition_dropout": 0.0, "bank_mixing": 0.25,
+                                                   "bank_uniform": 0.5, "log_conditions": ["ventricle_volume"]}})
+    conds = stages.bank_conditions(cfg, small_cohort)
+    assert all(tuple(c.tolist()) in pairs for c in conds[300:])
+    raw = conds[100:300] * torch.tensor([c.sd for c in small_cohort.spec.conditions]) + \
+        torch.tensor([c.mean for c in small_cohort.spec.conditions])
+    cohort_raw = small_cohort.conditions * torch.tensor([c.sd for c in small_cohort.spec.conditions]) + \
+        torch.tensor([c.mean for c in small_cohort.spec.conditions])
+    lo, hi = cohort_raw.min(0).values, cohort_raw.max(0).values
+    assert bool((raw >= lo - 1e-3).all() and (raw <= hi + 1e-3).all())
+    assert float(raw[:, 0].mean()) == pytest.approx(float(lo[0] + hi[0]) / 2, rel=0.05)  # age: uniform
+    log_v = raw[:, 1].log()
+    assert float(log_v.mean()) == pytest.approx(float((lo[1].log() + hi[1].log()) / 2), abs=0.08)
+    assert not any(tuple(c.tolist()) in pairs for c in conds[100:300])
+    space = stages.NeighbourhoodSpace(small_cohort.spec, small_cohort.conditions, ["ventricle_volume"])
+    assert torch.allclose(space.normalised(space(conds)), conds, atol=1e-5)  # the inverse
+
+
+@pytest.mark.parametrize("mixing, uniform", [(0.6, 0.6), (0.0, -0.1), (0.0, 1.5)])
+def test_config_refuses_bank_fractions_over_one(mixing, uniform):
+    with pytest.raises(ConfigError, match="bank_mixing and decoder.bank_uniform"):
+        load_config(None, {"decoder": {"bank_mixing": mixing, "bank_uniform": uniform}})
+
+
 def test_decoder_neighbourhood_volume_term(small_cohort):
     """The neighbourhood-volume term: at the identity the atlas keeps the template's volumes, so its error is
     the template's volume against the Gaussian-weighted mean of the subjects' (hand-computed here), per label or
@@ -706,8 +735,8 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
                             ("decoder", "local_linear"), ("registration", "antisymmetric"),
                             ("decoder", "velocity_smoothing_mm"), ("decoder", "neighbourhood_volume_weight"),
-                            ("decoder", "log_conditions")):
-        value = {"velocity_smoothing_mm": 4.0, "neighbourhood_volume_weight": 4.0,
+                            ("decoder", "log_conditions"), ("decoder", "bank_uniform")):
+        value = {"velocity_smoothing_mm": 4.0, "neighbourhood_volume_weight": 4.0, "bank_uniform": 0.5,
                  "log_conditions": ["ventricle_volume"]}.get(option, True)
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)

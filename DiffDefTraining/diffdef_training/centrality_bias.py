@@ -4,10 +4,10 @@
 
 For each condition (age, ventricle volume; the law's median volume when omitted), the law's *true* atlas on the
 bundle's working grid is registered by the bundle's network to ``--neighbours`` subjects drawn, with replacement
-and Gaussian weights (the decoder's ``sigma``), from ``--pool`` held-out synthetic subjects. With u_n the network's
-displacement atlas -> n, w_n the one n -> atlas and t_n - t_a the law's displacement of n relative to the atlas
-(template -> subject minus template -> atlas, first order), all in mm, it prints the RMS over the template's brain
-of these means over n:
+and Gaussian weights (the decoder's ``sigma`` and ``log_conditions``), from ``--pool`` held-out synthetic subjects.
+With u_n the network's displacement atlas -> n, w_n the one n -> atlas and t_n - t_a the law's displacement of n
+relative to the atlas (template -> subject minus template -> atlas, first order), all in mm, it prints the RMS
+over the template's brain of these means over n:
 
 * ``forward`` mean u_n and ``symmetric`` mean (u_n - w_n) / 2: the two centrality estimates
   (``decoder.symmetric_centrality``) at the true atlas;
@@ -36,7 +36,7 @@ from diffdef.bundle import load_bundle
 from diffdef.io import atomic_path
 from diffdef.template import load_template
 
-from .stages import neighbourhood_weights, template_brain_mask
+from .stages import NeighbourhoodSpace, template_brain_mask
 from .synthetic import VENTRICLES, SyntheticCohort, default_law, median_ventricle_volume
 
 POOL_OFFSET = 400  # the held-out subjects of the shipped cohort (training uses indices 0..399)
@@ -78,7 +78,9 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     subjects = SyntheticCohort(pool, seed, factor, offset=POOL_OFFSET)
     items = [subjects[i] for i in tqdm(range(pool), desc="synthesising the pool", disable=not progress)]
     images = torch.stack([it["image"] for it in items]).float()
-    pool_conditions = spec.normalise_tensor(torch.stack([it["conditions"] for it in items]))
+    # the decoder's neighbourhood: its sigma and the conditions it measures on the log scale
+    log_names = bundle.meta["provenance"].get("config", {}).get("decoder", {}).get("log_conditions", [])
+    space = NeighbourhoodSpace(spec, spec.normalise_tensor(torch.stack([it["conditions"] for it in items])), log_names)
 
     def rms(d, region=mask):  # (1, 3, ...) mm -> RMS norm over the region (default the brain)
         return float(((d.pow(2).sum(1, keepdim=True) * region).sum() / region.sum()).sqrt())
@@ -86,7 +88,7 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     rows = []
     for age, volume in conditions:
         volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
-        w = neighbourhood_weights(spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1), pool_conditions, sigma)
+        w = space.weights(spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1), sigma)
         idx = torch.multinomial(w, neighbours, replacement=True, generator=torch.Generator().manual_seed(seed))
         true_atlas = law.true_atlas(age, volume, factor=factor)
         truth = true_atlas["displacement"]

@@ -99,6 +99,7 @@ class DecoderConfig(StageConfig):
     bank_size: int = 256  # (condition, latent) pairs sampled once from the diffusion model
     condition_dropout: float = 0.15  # per condition, for the latent bank
     bank_mixing: float = 0.0  # fraction of the bank whose conditions are drawn independently of each other (covers combinations the cohort lacks)
+    bank_uniform: float = field(default=0.0, metadata=ADDED)  # fraction of the bank (after the bank_mixing one) drawn uniformly between the cohort's extremes of each condition (log-uniform for log_conditions), so the cohort's sparse edges are trained as often as its middle
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
     neighbourhood_volume_labels: list = field(default_factory=list)  # template labels, or lists of labels counted together, whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3] or [[2, 3]] (brain tissue, GM + WM: the majority-vote GM/WM miscount cancels); majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model leaves it empty
     volume_on_template_grid: bool = field(default=False, metadata=ADDED)  # measure volume_labels on the 1 mm template grid (a box around each label) instead of the working grid's block-averaged fractions, which read large changes short (60 ml asked: 61.8 ml at 4 mm, 67.2 ml at 1 mm)
@@ -268,8 +269,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if clash:
         raise ConfigError(f"Label {sorted(clash)[0]} is in both decoder.volume_labels (its volume is a condition) "
                           "and decoder.neighbourhood_volume_labels; keep it in one.")
-    if not 0 <= cfg.decoder.bank_mixing <= 1:
-        raise ConfigError(f"decoder.bank_mixing must be in [0, 1], got {cfg.decoder.bank_mixing}.")
+    d = cfg.decoder
+    if not (0 <= d.bank_mixing <= 1 and 0 <= d.bank_uniform <= 1 and d.bank_mixing + d.bank_uniform <= 1):
+        raise ConfigError(f"decoder.bank_mixing and decoder.bank_uniform must each be in [0, 1] and add up to at most 1, "
+                          f"got {d.bank_mixing} and {d.bank_uniform}.")
     for key in ("volume_weight", "neighbourhood_volume_weight"):
         if getattr(cfg.decoder, key) < 0:
             raise ConfigError(f"decoder.{key} must be >= 0, got {getattr(cfg.decoder, key)}.")
