@@ -278,10 +278,13 @@ class NeighbourhoodSpace:
             cond = spec.conditions[c]
             raw = cohort_conditions[:, c] * cond.sd + cond.mean
             raw = raw[~torch.isnan(raw)]
-            if len(raw) < 2 or bool((raw <= 0).any()):
-                raise ValueError(f"decoder.log_conditions names {name!r}, but the cohort's values of it are not all "
-                                 f"positive (smallest {float(raw.min()) if len(raw) else float('nan'):g}) or fewer "
-                                 "than two are given; remove it from decoder.log_conditions.")
+            if len(raw) < 2:
+                raise ValueError(f"decoder.log_conditions names {name!r}, which fewer than two cohort subjects have; "
+                                 "remove it from decoder.log_conditions.")
+            if bool((raw <= 0).any()):
+                raise ValueError(f"decoder.log_conditions names {name!r}, but {int((raw <= 0).sum())} cohort value(s) "
+                                 f"of it are not positive (smallest {float(raw.min()):g}) and have no logarithm; "
+                                 "correct them in the manifest or remove the name from decoder.log_conditions.")
             logs = raw.double().log()
             self.columns.append((c, cond.mean, cond.sd, float(logs.mean()), float(logs.std())))
         self.cohort = self(cohort_conditions)
