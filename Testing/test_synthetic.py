@@ -111,7 +111,7 @@ def test_tissue_follows_b_of_a(sample):
 
 def test_label_map_bias_of_thin_structures(sample, law):
     """Majority-vote (hard) labels on the 4 mm grid overstate GM and understate WM relative to the template,
-    against the label fractions (the reason the shipped decoder has no GM/WM neighbourhood-volume term); the
+    against the label fractions (the reason the shipped decoder's neighbourhood-volume term counts GM and WM together); the
     fractions' own columns sum to the tissue column."""
     assert sample[:, 6] + sample[:, 8] == pytest.approx(sample[:, 4], rel=1e-4)
     bias = label_map_bias(sample, law=law)
