@@ -304,3 +304,24 @@ def test_empty_manifests(files):
     assert problems(files, "image,age\n") == ["the manifest has no data rows"]
     with pytest.raises(ManifestError, match="manifest file not found"):
         read_manifest(files / "absent.csv", ["age"])
+
+
+def test_log_condition_with_a_zero_in_the_manifest_is_refused_before_training(subjects, tmp_path):
+    """A manifest whose ventricle volume is 0 for one subject (valid for the manifest: conditions are >= 0) cannot
+    be measured on the log scale (``decoder.log_conditions``): the pipeline refuses it once the cohort is read,
+    saying how many values and what to do, before any stage folder is made."""
+    from diffdef_training.config import load_config
+    from diffdef_training.pipeline import run_pipeline
+
+    folder, paths, _ = subjects
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,labels,age,ventricle_volume\n"
+                        f"{paths[0][0]},{paths[0][1]},63,21.5\n{paths[1][0]},{paths[1][1]},70,0\n")
+    out = tmp_path / "run"
+    cfg = load_config(None, {"output": str(out), "cohort": {"source": str(manifest), "cache": str(tmp_path / "cache"),
+                                                           "conditions": ["age", "ventricle_volume"]},
+                             "decoder": {"log_conditions": ["ventricle_volume"]}})
+    with pytest.raises(ValueError, match=r"ventricle_volume.*1 cohort value\(s\) of it are not positive") as exc:
+        run_pipeline(cfg, progress=False)
+    assert "smallest 0" in str(exc.value)
+    assert not any((out / s).exists() for s in ("autoencoder", "diffusion", "registration", "decoder"))
