@@ -194,8 +194,8 @@ same pairs. **ANTs is not installed here** (`antspyx` is not a dependency of Dif
 classical diffeomorphic reference is **SimpleITK's diffeomorphic demons** (the registration the conventional
 groupwise-template baseline uses).
 
-Command (2-core CPU shared with other jobs, {result['threads']} thread(s) for torch and SimpleITK, total
-{total_seconds:.0f} s):
+Command ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} when the report was written, {result['threads']}
+thread(s) for torch and SimpleITK, total {total_seconds:.0f} s):
 
 ```
 {command}
