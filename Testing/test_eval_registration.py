@@ -70,3 +70,34 @@ def test_centrality_bias_refuses_bad_conditions(tmp_path, capsys):
         assert exc.value.code == 2
     assert "AGE or AGE:VOLUME" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_centrality_target_when_every_subject_is_drawn_does_not_depend_on_sigma(tiny_bundle):
+    """With as many training subjects as the decoder draws neighbours (4 in the tiny config), every subject is
+    drawn every time: the centrality's zero is their plain mean, whatever the Gaussian width; with fewer drawn,
+    a narrow width moves it."""
+    from diffdef_training.centrality_bias import TARGET_COLUMNS, target_error
+
+    all_drawn = target_error(tiny_bundle, [(60.0, 30.0)], sigmas=(0.5, 100.0), size=4, draws=20, progress=False)
+    assert [r["sigma"] for r in all_drawn] == [0.5, 100.0]
+    for c in ("target error", "age offset", "volume offset", "tissue offset %"):
+        assert math.isclose(all_drawn[0][c], all_drawn[1][c], rel_tol=1e-5, abs_tol=1e-6)
+    assert all_drawn[1]["effective n"] > 3.99  # a very wide neighbourhood weighs all alike
+    some_drawn = target_error(tiny_bundle, [(60.0, 30.0)], sigmas=(0.5, 100.0), size=12, draws=50, progress=False)
+    assert some_drawn[0]["target error"] != some_drawn[1]["target error"]
+    assert all(math.isfinite(r[c]) for r in some_drawn for c in TARGET_COLUMNS)
+    assert some_drawn[0]["effective n"] < 11 < some_drawn[1]["effective n"]
+
+
+def test_centrality_bias_refuses_bad_sigmas(tmp_path, capsys):
+    import pytest
+
+    from diffdef_training.centrality_bias import main
+
+    for bad in ("0.3,abc", "0", "-1", "nan"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--sigmas", bad, "--out", str(tmp_path / "x.md")])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "give comma-separated numbers" in err and "finite number > 0" in err
+    assert not (tmp_path / "x.md").exists()

@@ -19,6 +19,14 @@ over the template's brain of these means over n:
 * the two biases and ``recovered`` again in two parts of the brain: ``near LV``, within 2 working-grid voxels
   of the true atlas' lateral ventricles, and ``elsewhere``. The atlas error the decoder learns is about bias /
   recovered in each part, so a network can move GM/WM closer to the truth and the ventricles away from it.
+
+``--sigmas 0.3,0.45,0.6`` measures instead, without the network, the other half of the error: where a *perfect*
+registration would put the centrality's zero, for each ``sigma`` given (:func:`target_error`). That is the mean
+of the **training** subjects' law displacements, each weighted by how often the decoder draws it
+(``decoder.neighbours`` without replacement, with the Gaussian weights), whose RMS distance from the true atlas's
+(mm, over the brain) mixes the neighbourhood's skew and the sampling noise of its few subjects. It prints that,
+the neighbourhood's effective size (sum w)^2 / sum w^2, and the drawn neighbours' mean offset in age (y),
+ventricle volume (ml) and the law's tissue volume B(a) (%) from the condition's.
 """
 from __future__ import annotations
 
@@ -118,10 +126,62 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    head = "| age | V (ml) | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (2 + len(COLUMNS)) + "\n"
+TARGET_COLUMNS = ("target error", "effective n", "age offset", "volume offset", "tissue offset %")
+
+
+@torch.no_grad()
+def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: int | None = None, seed: int = 0,
+                 draws: int = 1000, progress: bool = True) -> list[dict]:
+    """One row per condition and sigma (keys: age, ventricle_volume, sigma, :data:`TARGET_COLUMNS`): the error of
+    the centrality's zero under a perfect registration, from the synthetic training subjects ``0 .. size-1`` of
+    cohort ``seed`` (``size`` defaults to the bundle's cohort size), ``neighbours`` of them drawn as the bundle's
+    decoder draws them; each subject's chance to be drawn is estimated from ``draws`` draws."""
+    bundle = load_bundle(model, networks_wanted=())
+    spec = bundle.spec
+    if [c.name for c in spec.conditions] != ["age", "ventricle_volume"]:
+        raise ValueError(f"The bundle's conditions are {[c.name for c in spec.conditions]}; this measurement needs the synthetic cohort's "
+                         "(age, ventricle_volume).")
+    factor = int(bundle.meta["working_grid"]["factor"])
+    decoder_cfg = bundle.meta["provenance"].get("config", {}).get("decoder", {})
+    size = int(size or bundle.meta["provenance"]["cohort_size"])
+    k = min(int(bundle.meta["provenance"]["neighbours"]), size)
+    law = default_law()
+    grid = bundle.working_grid
+    spacing = float(grid.spacing[0])
+    mask = template_brain_mask(load_template().on_working_grid(factor)[1])
+    subjects = SyntheticCohort(size, seed, factor)
+    conds = torch.stack([subjects[i]["conditions"] for i in tqdm(range(size), desc="training subjects", disable=not progress)])
+    disp = torch.cat([law.subject_displacement(seed, i, grid) for i in range(size)]) * spacing
+    tissue = torch.as_tensor(law.tissue_volume(conds[:, 0].double().numpy()))
+    space = NeighbourhoodSpace(spec, spec.normalise_tensor(conds), decoder_cfg.get("log_conditions", []))
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for age, volume in conditions:
+        volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
+        truth = law.displacement(law.condition_velocity(age, volume), grid) * spacing
+        for sigma in sigmas:
+            w = space.weights(spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1), sigma)
+            drawn = torch.zeros(size, dtype=torch.float64)
+            for _ in range(draws):
+                drawn[torch.multinomial(w, k, replacement=False, generator=gen)] += 1
+            p = drawn / drawn.sum()
+            error = torch.einsum("n,ncijk->cijk", p.float(), disp)[None] - truth
+            rows.append({"age": age, "ventricle_volume": volume, "sigma": float(sigma),
+                         "target error": float(((error.pow(2).sum(1, keepdim=True) * mask).sum() / mask.sum()).sqrt()),
+                         "effective n": float(w.sum() ** 2 / w.pow(2).sum()),
+                         "age offset": float((p * conds[:, 0]).sum()) - age,
+                         "volume offset": float((p * conds[:, 1]).sum()) - volume,
+                         "tissue offset %": 100 * (float((p * tissue).sum()) / float(law.tissue_volume(age)) - 1)})
+    return rows
+
+
+def table(rows: list[dict], columns=COLUMNS) -> str:
+    """Markdown table of :func:`measure`'s rows, or of :func:`target_error`'s with ``columns=TARGET_COLUMNS``."""
+    lead = ("age", "V (ml)") + (("sigma",) if columns is TARGET_COLUMNS else ())
+    head = "| " + " | ".join(lead + columns) + " |\n|" + "---|" * (len(lead) + len(columns)) + "\n"
     return head + "".join(f"| {r['age']:g} | {r['ventricle_volume']:.1f} | "
-                          + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |\n" for r in rows)
+                          + (f"{r['sigma']:g} | " if columns is TARGET_COLUMNS else "")
+                          + " | ".join(f"{r[c]:.3f}" for c in columns) + " |\n" for r in rows)
 
 
 def main(argv=None) -> int:
@@ -130,9 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="bundle folder (default: the shipped model)")
     ap.add_argument("--conditions", default="50,80,65:60",
                     help="comma-separated AGE or AGE:VOLUME (years; ml, default the law's median at that age)")
-    ap.add_argument("--neighbours", type=int, default=200, help="neighbours drawn per condition (with replacement)")
-    ap.add_argument("--pool", type=int, default=400, help="held-out synthetic subjects to draw them from")
+    ap.add_argument("--neighbours", type=int, default=200, help="neighbours drawn per condition (with replacement; without --sigmas)")
+    ap.add_argument("--pool", type=int, default=400, help="held-out synthetic subjects to draw them from (without --sigmas)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic cohort seed and draw seed")
+    ap.add_argument("--sigmas", default=None,
+                    help="comma-separated Gaussian widths: measure the centrality's zero under a perfect registration "
+                         "for each, on the training cohort, instead of the network's bias (no network is run)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default=None, help="Markdown file to write (replaced atomically)")
     ap.add_argument("--no-progress", action="store_true")
@@ -143,10 +206,19 @@ def main(argv=None) -> int:
         conditions = _parse_conditions(a.conditions)
     except ValueError as exc:
         ap.error(str(exc))
+    try:
+        sigmas = [float(x) for x in a.sigmas.split(",")] if a.sigmas else None
+    except ValueError:
+        ap.error(f"--sigmas {a.sigmas!r}: give comma-separated numbers, e.g. 0.3,0.45")
+    if sigmas is not None and not all(np.isfinite(s) and s > 0 for s in sigmas):
+        ap.error(f"--sigmas {a.sigmas!r}: each width must be a finite number > 0")
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
-    rows = measure(a.model, conditions, a.neighbours, a.pool, a.seed, progress=not a.no_progress)
-    text, seconds = table(rows), time.perf_counter() - t
+    if sigmas is None:
+        text = table(measure(a.model, conditions, a.neighbours, a.pool, a.seed, progress=not a.no_progress))
+    else:
+        text = table(target_error(a.model, conditions, sigmas, seed=a.seed, progress=not a.no_progress), TARGET_COLUMNS)
+    seconds = time.perf_counter() - t
     print(text + f"\n{seconds:.0f} s")
     if a.out:
         args = " ".join(sys.argv[1:] if argv is None else argv)
