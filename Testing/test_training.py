@@ -741,3 +741,29 @@ def test_added_options_at_their_default_keep_finished_runs_current():
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)
         assert f"{option}={value}" in settings_key(getattr(changed, section))
+
+
+def test_neighbourhood_volume_local_linear_target(small_cohort):
+    """With ``decoder.neighbourhood_volume_local_linear`` the target is the local-linear estimate at the
+    condition: the subjects' ratios weighted by the Gaussian weights times :func:`local_linear_factors`. At the
+    cohort's oldest age the Gaussian mean is pulled towards younger subjects, and the two targets differ."""
+    from diffdef.networks import RegistrationNet
+
+    oldest = float(small_cohort.conditions[:, 0].max()) * small_cohort.spec.conditions[0].sd + small_cohort.spec.conditions[0].mean
+    cond = small_cohort.spec.normalise({"age": oldest, "ventricle_volume": 30.0})[0]
+    zero = torch.zeros(1, 3, *small_cohort.images.shape[2:])
+    errors = {}
+    for local_linear in (False, True):
+        cfg = load_config(None, {**SMALL, "decoder": {"neighbourhood_volume_labels": [[2, 3]],
+                                                      "neighbourhood_volume_local_linear": local_linear}})
+        objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+        errors[local_linear] = objective.neighbourhood_volume(zero, cond)[1][0]
+    w = stages.neighbourhood_weights(cond, small_cohort.conditions, cfg.decoder.sigma)
+    kernel = w * stages.local_linear_factors(cond, small_cohort.conditions, w)
+    tmpl, subj = small_cohort.template_fractions.argmax(1), small_cohort.labels.argmax(1)
+    inside = lambda labels: (labels == 2) | (labels == 3)
+    ratios = inside(subj).sum(dim=(1, 2, 3)).float() / inside(tmpl).sum()
+    for local_linear, weights in ((False, w), (True, kernel)):
+        target = float((weights * ratios).sum() / weights.sum())
+        assert errors[local_linear] == pytest.approx(100 * (1 / target - 1), abs=1e-3)
+    assert abs(errors[True] - errors[False]) > 1e-3

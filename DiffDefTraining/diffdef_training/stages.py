@@ -319,7 +319,8 @@ class DecoderObjective:
     ``decoder.neighbourhood_volume_labels``, (log(r_atlas / r_neighbourhood))^2 with r its volume relative to the
     template's: the atlas's from the warped fractions, the neighbourhood's the Gaussian-weighted mean over the
     cohort's label maps (each divided by the template's volume measured the same way, so the label maps'
-    partial-volume bias cancels).
+    partial-volume bias cancels), or with ``decoder.neighbourhood_volume_local_linear`` the local-linear estimate
+    at the condition.
 
     Why the volume term: the Gaussian neighbourhood only pulls the atlas towards its neighbours' *mean*, and
     through a registration network that recovers part of each displacement; at the edges of the cohort (10 or
@@ -415,8 +416,12 @@ class DecoderObjective:
         """The neighbourhood-volume term of one atlas and the relative errors (%) per label; 0 without labels."""
         if not self.has_neighbourhood_volume:
             return disp.new_zeros(()), []
-        w = self.space.weights(condition.cpu(), self.cfg.decoder.sigma)
-        target = ((w[:, None] * self.neighbourhood_ratios).sum(0) / w.sum()).to(disp.device)
+        condition = condition.cpu()
+        w = self.space.weights(condition, self.cfg.decoder.sigma)
+        if self.cfg.decoder.neighbourhood_volume_local_linear:  # sum(w * f) = sum(w): still a weighted mean
+            w = w * local_linear_factors(self.space(condition), self.space.cohort, w)
+        # a linear fit can extrapolate a ratio below 0 where the cohort ends; keep the log defined
+        target = ((w[:, None] * self.neighbourhood_ratios).sum(0) / w.sum()).clamp_min(1e-3).to(disp.device)
         ratio = fields.warp_probabilities(self.neighbourhood_fractions, disp).sum(dim=(0, 2, 3, 4)) / self.template_soft
         log_ratio = torch.log(ratio.clamp_min(1e-6) / target)
         return log_ratio.pow(2).sum(), (100 * (ratio.detach() / target - 1)).tolist()
