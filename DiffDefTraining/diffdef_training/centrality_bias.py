@@ -66,6 +66,11 @@ def _parse_conditions(text: str) -> list[tuple[float, float]]:
     return out
 
 
+def _rms(d: torch.Tensor, region: torch.Tensor) -> float:
+    """(1, 3, ...) displacement (mm) -> RMS of its norm over ``region`` ((1, 1, ...) weights)."""
+    return float(((d.pow(2).sum(1, keepdim=True) * region).sum() / region.sum()).sqrt())
+
+
 @torch.no_grad()
 def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool: int = 400, seed: int = 0,
             progress: bool = True) -> list[dict]:
@@ -90,8 +95,8 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     log_names = bundle.meta["provenance"].get("config", {}).get("decoder", {}).get("log_conditions", [])
     space = NeighbourhoodSpace(spec, spec.normalise_tensor(torch.stack([it["conditions"] for it in items])), log_names)
 
-    def rms(d, region=mask):  # (1, 3, ...) mm -> RMS norm over the region (default the brain)
-        return float(((d.pow(2).sum(1, keepdim=True) * region).sum() / region.sum()).sqrt())
+    def rms(d, region=mask):
+        return _rms(d, region)
 
     rows = []
     for age, volume in conditions:
@@ -167,7 +172,7 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
             p = drawn / drawn.sum()
             error = torch.einsum("n,ncijk->cijk", p.float(), disp)[None] - truth
             rows.append({"age": age, "ventricle_volume": volume, "sigma": float(sigma),
-                         "target error": float(((error.pow(2).sum(1, keepdim=True) * mask).sum() / mask.sum()).sqrt()),
+                         "target error": _rms(error, mask),
                          "effective n": float(w.sum() ** 2 / w.pow(2).sum()),
                          "age offset": float((p * conds[:, 0]).sum()) - age,
                          "volume offset": float((p * conds[:, 1]).sum()) - volume,
