@@ -71,17 +71,30 @@ def _rms(d: torch.Tensor, region: torch.Tensor) -> float:
     return float(((d.pow(2).sum(1, keepdim=True) * region).sum() / region.sum()).sqrt())
 
 
+def _synthetic_bundle(model, networks_wanted):
+    """The bundle, refused unless its conditions are the synthetic cohort's (age, ventricle_volume)."""
+    bundle = load_bundle(model, networks_wanted=networks_wanted)
+    names = [c.name for c in bundle.spec.conditions]
+    if names != ["age", "ventricle_volume"]:
+        raise ValueError(f"The bundle's conditions are {names}; this measurement needs the synthetic cohort's "
+                         "(age, ventricle_volume).")
+    return bundle
+
+
+def _decoder_space(bundle, raw_conditions: torch.Tensor) -> NeighbourhoodSpace:
+    """The decoder's neighbourhood coordinates (its ``log_conditions``) over subjects with these raw conditions."""
+    log_names = bundle.meta["provenance"].get("config", {}).get("decoder", {}).get("log_conditions", [])
+    return NeighbourhoodSpace(bundle.spec, bundle.spec.normalise_tensor(raw_conditions), log_names)
+
+
 @torch.no_grad()
 def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool: int = 400, seed: int = 0,
             progress: bool = True) -> list[dict]:
     """One row per condition (keys: age, ventricle_volume, :data:`COLUMNS` in mm except the ``recovered`` ones,
     and ``near LV fraction``, the part of the brain's voxels near the ventricles)."""
-    bundle = load_bundle(model, networks_wanted=("registration",))
+    bundle = _synthetic_bundle(model, ("registration",))
     net = bundle.nets["registration"].eval()
     spec, grid = bundle.spec, bundle.working_grid
-    if [c.name for c in spec.conditions] != ["age", "ventricle_volume"]:
-        raise ValueError(f"The bundle's conditions are {[c.name for c in spec.conditions]}; this measurement needs the synthetic cohort's "
-                         "(age, ventricle_volume).")
     factor = int(bundle.meta["working_grid"]["factor"])
     sigma = float(bundle.meta["provenance"]["sigma"])
     law = default_law()
@@ -91,12 +104,7 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     subjects = SyntheticCohort(pool, seed, factor, offset=POOL_OFFSET)
     items = [subjects[i] for i in tqdm(range(pool), desc="synthesising the pool", disable=not progress)]
     images = torch.stack([it["image"] for it in items]).float()
-    # the decoder's neighbourhood: its sigma and the conditions it measures on the log scale
-    log_names = bundle.meta["provenance"].get("config", {}).get("decoder", {}).get("log_conditions", [])
-    space = NeighbourhoodSpace(spec, spec.normalise_tensor(torch.stack([it["conditions"] for it in items])), log_names)
-
-    def rms(d, region=mask):
-        return _rms(d, region)
+    space = _decoder_space(bundle, torch.stack([it["conditions"] for it in items]))
 
     rows = []
     for age, volume in conditions:
@@ -122,10 +130,10 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
                 dot[r] += float((ut * region).sum())
                 norm[r] += float((tt * region).sum())
         fw, bw, rel = fw / neighbours, bw / neighbours, rel / neighbours
-        row = {"age": age, "ventricle_volume": volume, "forward": rms(fw), "symmetric": rms((fw - bw) / 2),
-               "law": rms(rel), "near LV fraction": float(near.sum() / mask.sum())}
+        row = {"age": age, "ventricle_volume": volume, "forward": _rms(fw, mask),
+               "symmetric": _rms((fw - bw) / 2, mask), "law": _rms(rel, mask), "near LV fraction": float(near.sum() / mask.sum())}
         for r, region in regions.items():
-            row["bias forward" + r], row["bias symmetric" + r] = rms(fw - rel, region), rms((fw - bw) / 2 - rel, region)
+            row["bias forward" + r], row["bias symmetric" + r] = _rms(fw - rel, region), _rms((fw - bw) / 2 - rel, region)
             row["recovered" + r] = dot[r] / norm[r]
         rows.append(row)
     return rows
@@ -141,13 +149,9 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
     the centrality's zero under a perfect registration, from the synthetic training subjects ``0 .. size-1`` of
     cohort ``seed`` (``size`` defaults to the bundle's cohort size), ``neighbours`` of them drawn as the bundle's
     decoder draws them; each subject's chance to be drawn is estimated from ``draws`` draws."""
-    bundle = load_bundle(model, networks_wanted=())
+    bundle = _synthetic_bundle(model, ())
     spec = bundle.spec
-    if [c.name for c in spec.conditions] != ["age", "ventricle_volume"]:
-        raise ValueError(f"The bundle's conditions are {[c.name for c in spec.conditions]}; this measurement needs the synthetic cohort's "
-                         "(age, ventricle_volume).")
     factor = int(bundle.meta["working_grid"]["factor"])
-    decoder_cfg = bundle.meta["provenance"].get("config", {}).get("decoder", {})
     size = int(size or bundle.meta["provenance"]["cohort_size"])
     k = min(int(bundle.meta["provenance"]["neighbours"]), size)
     law = default_law()
@@ -158,7 +162,7 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
     conds = torch.stack([subjects[i]["conditions"] for i in tqdm(range(size), desc="training subjects", disable=not progress)])
     disp = torch.cat([law.subject_displacement(seed, i, grid) for i in range(size)]) * spacing
     tissue = torch.as_tensor(law.tissue_volume(conds[:, 0].double().numpy()))
-    space = NeighbourhoodSpace(spec, spec.normalise_tensor(conds), decoder_cfg.get("log_conditions", []))
+    space = _decoder_space(bundle, conds)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for age, volume in conditions:
@@ -182,11 +186,14 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
 
 def table(rows: list[dict], columns=COLUMNS) -> str:
     """Markdown table of :func:`measure`'s rows, or of :func:`target_error`'s with ``columns=TARGET_COLUMNS``."""
-    lead = ("age", "V (ml)") + (("sigma",) if columns is TARGET_COLUMNS else ())
+    lead = ("age", "V (ml)", "sigma") if columns is TARGET_COLUMNS else ("age", "V (ml)")
     head = "| " + " | ".join(lead + columns) + " |\n|" + "---|" * (len(lead) + len(columns)) + "\n"
-    return head + "".join(f"| {r['age']:g} | {r['ventricle_volume']:.1f} | "
-                          + (f"{r['sigma']:g} | " if columns is TARGET_COLUMNS else "")
-                          + " | ".join(f"{r[c]:.3f}" for c in columns) + " |\n" for r in rows)
+
+    def cells(r):
+        sigma = [f"{r['sigma']:g}"] if "sigma" in lead else []
+        return [f"{r['age']:g}", f"{r['ventricle_volume']:.1f}", *sigma] + [f"{r[c]:.3f}" for c in columns]
+
+    return head + "".join("| " + " | ".join(cells(r)) + " |\n" for r in rows)
 
 
 def main(argv=None) -> int:
