@@ -291,10 +291,11 @@ def test_decoder_loss_weights_each_logged_term(tiny_run, tmp_path):
         assert r["loss"] == pytest.approx(terms, rel=1e-5)
 
 
-def test_config_refuses_a_negative_volume_weight():
-    for key in ("volume_weight", "neighbourhood_volume_weight"):
-        with pytest.raises(ConfigError, match=rf"decoder\.{key} must be >= 0"):
-            load_config(None, {"decoder": {key: -1.0}})
+def test_config_refuses_a_negative_or_nan_volume_setting():
+    for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma"):
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(ConfigError, match=rf"decoder\.{key} must be >= 0"):
+                load_config(None, {"decoder": {key: bad}})
 
 
 def test_decoder_objective_terms(small_cohort):
@@ -735,35 +736,42 @@ def test_added_options_at_their_default_keep_finished_runs_current():
     for section, option in (("decoder", "symmetric_centrality"), ("decoder", "volume_on_template_grid"),
                             ("decoder", "local_linear"), ("registration", "antisymmetric"),
                             ("decoder", "velocity_smoothing_mm"), ("decoder", "neighbourhood_volume_weight"),
-                            ("decoder", "log_conditions"), ("decoder", "bank_uniform")):
+                            ("decoder", "log_conditions"), ("decoder", "bank_uniform"),
+                            ("decoder", "neighbourhood_volume_sigma")):
         value = {"velocity_smoothing_mm": 4.0, "neighbourhood_volume_weight": 4.0, "bank_uniform": 0.5,
+                 "neighbourhood_volume_sigma": 0.2,
                  "log_conditions": ["ventricle_volume"]}.get(option, True)
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)
         assert f"{option}={value}" in settings_key(getattr(changed, section))
 
 
-def test_neighbourhood_volume_local_linear_target(small_cohort):
-    """With ``decoder.neighbourhood_volume_local_linear`` the target is the local-linear estimate at the
-    condition: the subjects' ratios weighted by the Gaussian weights times :func:`local_linear_factors`. At the
-    cohort's oldest age the Gaussian mean is pulled towards younger subjects, and the two targets differ."""
+def test_neighbourhood_volume_target_local_linear_and_own_width(small_cohort):
+    """The neighbourhood-volume target is the subjects' brain-tissue ratios weighted by the Gaussian weights of
+    ``decoder.sigma``; with ``decoder.neighbourhood_volume_local_linear`` times :func:`local_linear_factors`
+    (the local-linear estimate at the condition); with ``decoder.neighbourhood_volume_sigma`` by the Gaussian of
+    that width instead. At the cohort's oldest age the Gaussian mean is pulled towards younger subjects, so all
+    three targets differ."""
     from diffdef.networks import RegistrationNet
 
     oldest = float(small_cohort.conditions[:, 0].max()) * small_cohort.spec.conditions[0].sd + small_cohort.spec.conditions[0].mean
     cond = small_cohort.spec.normalise({"age": oldest, "ventricle_volume": 30.0})[0]
     zero = torch.zeros(1, 3, *small_cohort.images.shape[2:])
+    variants = {"gaussian": {}, "local_linear": {"neighbourhood_volume_local_linear": True},
+                "own_width": {"neighbourhood_volume_sigma": 0.15}}
     errors = {}
-    for local_linear in (False, True):
-        cfg = load_config(None, {**SMALL, "decoder": {"neighbourhood_volume_labels": [[2, 3]],
-                                                      "neighbourhood_volume_local_linear": local_linear}})
+    for name, extra in variants.items():
+        cfg = load_config(None, {**SMALL, "decoder": {"neighbourhood_volume_labels": [[2, 3]], **extra}})
         objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
-        errors[local_linear] = objective.neighbourhood_volume(zero, cond)[1][0]
+        errors[name] = objective.neighbourhood_volume(zero, cond)[1][0]
+    assert cfg.decoder.sigma == 0.3
     w = stages.neighbourhood_weights(cond, small_cohort.conditions, cfg.decoder.sigma)
-    kernel = w * stages.local_linear_factors(cond, small_cohort.conditions, w)
+    weights = {"gaussian": w, "local_linear": w * stages.local_linear_factors(cond, small_cohort.conditions, w),
+               "own_width": stages.neighbourhood_weights(cond, small_cohort.conditions, 0.15)}
     tmpl, subj = small_cohort.template_fractions.argmax(1), small_cohort.labels.argmax(1)
     inside = lambda labels: (labels == 2) | (labels == 3)
     ratios = inside(subj).sum(dim=(1, 2, 3)).float() / inside(tmpl).sum()
-    for local_linear, weights in ((False, w), (True, kernel)):
-        target = float((weights * ratios).sum() / weights.sum())
-        assert errors[local_linear] == pytest.approx(100 * (1 / target - 1), abs=1e-3)
-    assert abs(errors[True] - errors[False]) > 1e-3
+    for name, wt in weights.items():
+        target = float((wt * ratios).sum() / wt.sum())
+        assert errors[name] == pytest.approx(100 * (1 / target - 1), abs=1e-3)
+    assert min(abs(errors[a] - errors[b]) for a, b in (("gaussian", "local_linear"), ("gaussian", "own_width"))) > 1e-3

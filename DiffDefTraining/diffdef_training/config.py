@@ -106,6 +106,7 @@ class DecoderConfig(StageConfig):
     volume_weight: float = 1.0  # weight of the requested-volume term (squared log ratio of atlas to requested volume, volume_labels)
     neighbourhood_volume_weight: float = field(default=1.0, metadata=ADDED)  # weight of the neighbourhood-volume term (squared log ratio of atlas to neighbourhood volume, neighbourhood_volume_labels)
     neighbourhood_volume_local_linear: bool = field(default=False, metadata=ADDED)  # the neighbourhood-volume target is local-linear regression's estimate at the condition (the Gaussian weights times local_linear_factors) instead of the Gaussian mean, which the cohort's edges pull inwards (brain tissue B(a) at 80 y, sigma 0.45: +0.51 %)
+    neighbourhood_volume_sigma: float = field(default=0.0, metadata=ADDED)  # Gaussian width of the neighbourhood-volume target's weights, 0 = decoder.sigma: a scalar mean needs fewer neighbours than the centrality's field mean, and a narrower kernel is skewed less towards the cohort's middle where it ends (brain tissue with sigma 0.45: worst -2.05 % at 65 y / 96 ml)
 
 
 @dataclass
@@ -274,8 +275,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if not (0 <= d.bank_mixing <= 1 and 0 <= d.bank_uniform <= 1 and d.bank_mixing + d.bank_uniform <= 1):
         raise ConfigError(f"decoder.bank_mixing and decoder.bank_uniform must each be in [0, 1] and add up to at most 1, "
                           f"got {d.bank_mixing} and {d.bank_uniform}.")
-    for key in ("volume_weight", "neighbourhood_volume_weight"):
-        if getattr(cfg.decoder, key) < 0:
+    for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma"):
+        if not getattr(cfg.decoder, key) >= 0:  # also refuses NaN
             raise ConfigError(f"decoder.{key} must be >= 0, got {getattr(cfg.decoder, key)}.")
     if cfg.cohort.factor not in (2, 4, 8):
         raise ConfigError(f"cohort.factor must be 2, 4 or 8 (the 1 mm crop 160x192x160 divides), got {cfg.cohort.factor}.")

@@ -320,7 +320,7 @@ class DecoderObjective:
     template's: the atlas's from the warped fractions, the neighbourhood's the Gaussian-weighted mean over the
     cohort's label maps (each divided by the template's volume measured the same way, so the label maps'
     partial-volume bias cancels), or with ``decoder.neighbourhood_volume_local_linear`` the local-linear estimate
-    at the condition.
+    at the condition; its Gaussian width is ``decoder.neighbourhood_volume_sigma`` where that is set.
 
     Why the volume term: the Gaussian neighbourhood only pulls the atlas towards its neighbours' *mean*, and
     through a registration network that recovers part of each displacement; at the edges of the cohort (10 or
@@ -417,7 +417,7 @@ class DecoderObjective:
         if not self.has_neighbourhood_volume:
             return disp.new_zeros(()), []
         condition = condition.cpu()
-        w = self.space.weights(condition, self.cfg.decoder.sigma)
+        w = self.space.weights(condition, self.cfg.decoder.neighbourhood_volume_sigma or self.cfg.decoder.sigma)
         if self.cfg.decoder.neighbourhood_volume_local_linear:  # sum(w * f) = sum(w): still a weighted mean
             w = w * local_linear_factors(self.space(condition), self.space.cohort, w)
         # a linear fit can extrapolate a ratio below 0 where the cohort ends; keep the log defined
