@@ -106,7 +106,7 @@ class DecoderConfig(StageConfig):
     volume_weight: float = 1.0  # weight of the requested-volume term (squared log ratio of atlas to requested volume, volume_labels)
     neighbourhood_volume_weight: float = field(default=1.0, metadata=ADDED)  # weight of the neighbourhood-volume term (squared log ratio of atlas to neighbourhood volume, neighbourhood_volume_labels)
     neighbourhood_volume_local_linear: bool = field(default=False, metadata=ADDED)  # the neighbourhood-volume target is local-linear regression's estimate at the condition (the Gaussian weights times local_linear_factors) instead of the Gaussian mean, which the cohort's edges pull inwards (brain tissue B(a) at 80 y, sigma 0.45: +0.51 %)
-    neighbourhood_volume_sigma: float = field(default=0.0, metadata=ADDED)  # Gaussian width of the neighbourhood-volume target's weights, 0 = decoder.sigma: a scalar mean needs fewer neighbours than the centrality's field mean, and a narrower kernel is skewed less towards the cohort's middle where it ends (brain tissue with sigma 0.45: worst -2.05 % at 65 y / 96 ml)
+    neighbourhood_volume_sigma: float = field(default=0.0, metadata=ADDED)  # Gaussian width of the neighbourhood-volume target's weights, 0 = decoder.sigma: a scalar mean needs fewer neighbours than the centrality's field mean, so it can keep a narrower kernel when the neighbour draws widen (with sigma 0.45 a target at 0.3 moved the brain tissue's by under 0.4 points and did not keep it within 2 %: docs/decoder-sweep.md, ninth round)
 
 
 @dataclass
