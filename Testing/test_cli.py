@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +42,7 @@ def test_generate_writes_every_output(generated):
     meta = json.loads((generated / "atlas.json").read_text())
     assert meta["conditions_requested"] == {"age": 70.0, "ventricle_volume": 30.0}
     assert meta["seed"] == 3 and meta["steps"] == 2 and meta["folding_ratio"] == 0.0
+    assert meta["samples"] == json.loads((Path(meta["model"]["path"]) / "model.json").read_text())["sampling"]["samples"]
     assert set(meta["label_volumes_ml"]) == {"CSF", "gray matter", "white matter", "lateral ventricles"}
     assert meta["model"]["path"] and meta["model"]["provenance"]["cohort"] == "synthetic"
     assert meta["diffdef_version"] and meta["warnings"] == []
@@ -170,7 +172,8 @@ def _small_atlas():
                                               mode="trilinear", align_corners=True)
     return Atlas(t1=_block(template.t1), labels=_block(template.labels),
                  displacement_mm=disp_mm[0].permute(1, 2, 3, 0).numpy(), grid=grid, conditions={"age": 70.0},
-                 seed=0, folding_ratio=0.0, label_volumes_ml={}, velocity=None, jacobian=np.ones(CROP_SIZE))
+                 seed=0, folding_ratio=0.0, sampling={"steps": 20, "guidance": 1.5, "samples": 1}, label_volumes_ml={},
+                 velocity=None, jacobian=np.ones(CROP_SIZE))
 
 
 def test_interrupted_writing_leaves_the_folder_untouched(tmp_path, monkeypatch):
@@ -248,6 +251,38 @@ def test_bad_conditions_exit_2_listing_valid_names(tiny_bundle, tmp_path, capsys
 def test_bad_ranges_exit_2(tiny_bundle, tmp_path, capsys, argv, needle):
     code, _, err = run(capsys, *argv, "--model", tiny_bundle, *FAST, "-o", tmp_path / "o")
     assert code == 2 and needle in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_samples_or_steps_exit_2(tiny_bundle, tmp_path, capsys, value):
+    for option in ("--samples", "--steps"):
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error
+            run(capsys, "generate", "--model", tiny_bundle, "--age", "70", *FAST, option, value, "-o", tmp_path / "o")
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and option in err and "at least 1" in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_samples_average_the_velocities_of_one_batch_of_latents(tiny_generator):
+    """``samples`` K: the decoder's mean velocity over K latents drawn in one batch, the first of which is the
+    latent ``samples=1`` draws with the same seed; K = 1 is a single draw, the result differs from it."""
+    from diffdef.sampling import sample_latents
+
+    gen, values = tiny_generator, {"age": 70.0, "ventricle_volume": 30.0}
+    one, _, _, used1 = gen.velocity(values, seed=5, steps=2, samples=1)
+    three, _, _, used3 = gen.velocity(values, seed=5, steps=2, samples=3)
+    assert used1["samples"] == 1 and used3 == {**used1, "samples": 3}
+    cond = gen.spec.normalise(values).expand(3, -1)
+    latents = sample_latents(gen.bundle.nets["diffusion"], gen.bundle.nets["condition_embedding"],
+                             gen.bundle.meta["architecture"]["scheduler"], cond, gen.bundle.latent_shape, steps=2,
+                             guidance=used1["guidance"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        each = torch.cat([gen.bundle.nets["decoder"](latents[i:i + 1], cond[:1]) for i in range(3)])
+    assert torch.allclose(each[:1], one, atol=1e-5)
+    assert torch.allclose(each.mean(0, keepdim=True), three, atol=1e-5)
+    assert not torch.allclose(one, three, atol=1e-4)
+    default = gen.generate(values, seed=5, steps=2)
+    assert default.sampling["samples"] == gen.bundle.meta["sampling"].get("samples", 1)
 
 
 def test_bad_model_folder_exit_2(tmp_path, capsys):

@@ -305,6 +305,11 @@ def test_bad_inputs_leave_the_scene_unchanged(session, subject, tiny_bundle, tmp
                           "finite")
     _expect_clean_failure(scene, lambda: logic.generate({"height": 3}, bundle_path=tiny_bundle, device="cpu"),
                           "Unknown condition")
+    # bad sampling settings
+    _expect_clean_failure(scene, lambda: logic.generate(CONDITIONS, bundle_path=tiny_bundle, device="cpu", samples=0),
+                          "averaged samples must be at least 1")
+    _expect_clean_failure(scene, lambda: logic.trajectory("age", [50, 60], bundle_path=tiny_bundle, device="cpu",
+                                                          steps=-1), "sampling steps must be at least 1")
 
 
 def test_extrapolation_is_a_warning(session, tiny_bundle):

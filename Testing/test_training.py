@@ -746,6 +746,31 @@ def test_added_options_at_their_default_keep_finished_runs_current():
         assert f"{option}={value}" in settings_key(getattr(changed, section))
 
 
+def test_generation_only_options_never_change_a_run():
+    """``sampling.samples`` is read when atlases are generated, never in training: no value of it changes a run
+    hash or a checkpoint key (so changing it re-exports the bundle and retrains nothing); below 1 it is refused."""
+    from diffdef_training.config import settings_key
+    from diffdef_training.pipeline import _DEPENDS
+
+    path = ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"
+    cfg = load_config(path)
+    for samples in (1, 3, 16):
+        changed = load_config(path, {"sampling": {"samples": samples}})
+        assert changed.sampling.samples == samples
+        assert changed.hash() == cfg.hash() and changed.hash("architecture", *_DEPENDS["decoder"]) == cfg.hash(
+            "architecture", *_DEPENDS["decoder"])
+        assert settings_key(changed.sampling) == settings_key(cfg.sampling)
+    assert load_config(path, {"sampling": {"steps": 7}}).hash("sampling") != cfg.hash("sampling")  # steps count
+    for key in ("samples", "steps"):
+        with pytest.raises(ConfigError, match=f"sampling.{key} must be >= 1"):
+            load_config(path, {"sampling": {key: 0}})
+
+
+def test_bundle_records_the_generation_default(tiny_bundle):
+    meta = json.loads((tiny_bundle / "model.json").read_text())
+    assert meta["sampling"]["samples"] == meta["provenance"]["config"]["sampling"]["samples"] >= 1
+
+
 def test_neighbourhood_volume_target_local_linear_and_own_width(small_cohort):
     """The neighbourhood-volume target is the subjects' brain-tissue ratios weighted by the Gaussian weights of
     ``decoder.sigma``; with ``decoder.neighbourhood_volume_local_linear`` times :func:`local_linear_factors`

@@ -154,16 +154,16 @@ class DiffDefSceneLogic:
 
     # ------------------------------------------------------------------------------------------- generate
     def generate(self, conditions: dict, bundle_path=None, device: str = "auto", seed: int = 0,
-                 steps: int | None = None, guidance: float | None = None, name: str | None = None,
-                 jacobian: bool = False, surfaces: bool = False, progress: ProgressFn | None = None,
+                 steps: int | None = None, guidance: float | None = None, samples: int | None = None,
+                 name: str | None = None, jacobian: bool = False, surfaces: bool = False, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None) -> GenerateResult:
         """Atlas for ``conditions`` -> scalar volume (IJKToRAS = template affine), segmentation (named, coloured
         segments), grid transform (FromParent p -> p + u(p), RAS mm) and optionally the Jacobian determinant."""
         t0 = time.perf_counter()
         gen = self.generator(bundle_path, device)
         warnings = self.validate_conditions(gen.spec, conditions)
-        self._check_steps(steps)
-        atlas = self._generate_atlas(gen, conditions, seed, steps, guidance, jacobian, progress, cancel)
+        sampling = self._sampling(steps, guidance, samples)
+        atlas = self._generate_atlas(gen, conditions, seed, sampling, jacobian, progress, cancel)
         if progress:
             progress(0.97, "Adding the atlas to the scene")
         name = name or self.atlas_name(gen.spec, atlas.conditions)
@@ -176,16 +176,19 @@ class DiffDefSceneLogic:
         return result
 
     @staticmethod
-    def _check_steps(steps):
-        if steps is not None and int(steps) < 1:
-            raise DiffDefError(f"The number of sampling steps must be at least 1 (got {steps}).")
+    def _sampling(steps, guidance, samples) -> dict:
+        """``AtlasGenerator.generate``'s sampling options (None = the bundle's), checked."""
+        for what, n in (("sampling steps", steps), ("averaged samples", samples)):
+            if n is not None and int(n) < 1:
+                raise DiffDefError(f"The number of {what} must be at least 1 (got {n}).")
+        return {"steps": steps, "guidance": guidance, "samples": samples}
 
     @staticmethod
-    def _generate_atlas(gen, conditions, seed, steps, guidance, jacobian, progress, cancel):
+    def _generate_atlas(gen, conditions, seed, sampling, jacobian, progress, cancel):
         from diffdef.conditions import ConditionError
 
         try:
-            return gen.generate(conditions, seed=int(seed), steps=steps, guidance=guidance, jacobian=jacobian,
+            return gen.generate(conditions, seed=int(seed), **sampling, jacobian=jacobian,
                                 progress=_subrange(progress, 0.0, 0.95), cancel=cancel)
         except ConditionError as exc:
             raise DiffDefError(str(exc)) from exc
@@ -364,7 +367,7 @@ class DiffDefSceneLogic:
     # ------------------------------------------------------------------------------------------- trajectory
     def trajectory(self, condition: str, values, fixed_conditions: dict | None = None, bundle_path=None,
                    device: str = "auto", seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                   name: str | None = None, progress: ProgressFn | None = None,
+                   samples: int | None = None, name: str | None = None, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> TrajectoryResult:
         """Atlases for ``condition`` at each of ``values`` (the others fixed, same seed) -> a sequence of atlas
         volumes and one of label maps, indexed by the condition, and a sequence browser that plays them."""
@@ -377,7 +380,7 @@ class DiffDefSceneLogic:
         values = [float(v) for v in values]
         if len(values) < 2:
             raise DiffDefError("A trajectory needs at least two values.")
-        self._check_steps(steps)
+        sampling = self._sampling(steps, guidance, samples)
         unit = next(c.unit for c in gen.spec.conditions if c.name == condition)
         warnings = []
         for v in values:
@@ -385,7 +388,7 @@ class DiffDefSceneLogic:
         atlases = []
         for n, v in enumerate(values):
             cond = dict(fixed_conditions or {}, **{condition: v})
-            atlases.append(self._generate_atlas(gen, cond, seed, steps, guidance, False,
+            atlases.append(self._generate_atlas(gen, cond, seed, sampling, False,
                                                 _subrange(progress, n / len(values) * 0.95, (n + 1) / len(values) * 0.95,
                                                           f"Atlas {n + 1}/{len(values)}: "), cancel))
         if progress:

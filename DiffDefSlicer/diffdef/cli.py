@@ -65,6 +65,16 @@ def flag(name: str) -> str:
 # Parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
     """Options shared by every subcommand (accepted before or after the subcommand)."""
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -73,7 +83,11 @@ def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
                    "default: the shipped model")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default auto: CUDA when available)")
     g.add_argument("--seed", type=int, metavar="N", help="random seed; same seed, same machine, same atlas (default 0)")
-    g.add_argument("--steps", type=int, metavar="K", help="DDIM sampling steps (default: the model's)")
+    g.add_argument("--steps", type=_positive_int, metavar="K", help="DDIM sampling steps (default: the model's)")
+    g.add_argument("--samples", type=_positive_int, metavar="K",
+                   help="diffusion draws averaged into the atlas (their velocities' mean): more is closer to the "
+                        "condition's expected atlas, each costs one more sampling batch item (default: the model's; "
+                        "1 = a single draw)")
     g.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight (default: the model's; 1 = none)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
@@ -316,6 +330,11 @@ def _opt(args, name, default=None):
     return getattr(args, name, default)
 
 
+def _sampling(args) -> dict:
+    """The sampling options given on the command line (the model's defaults for the others)."""
+    return {k: _opt(args, k) for k in ("steps", "guidance", "samples")}
+
+
 def _generator(args, timings: dict, conditions: dict | None = None, progress=None):
     """The model loaded (its time in ``timings["load_s"]``); with ``conditions``, their extrapolation warnings
     are printed through ``progress``."""
@@ -342,14 +361,11 @@ def cmd_generate(args, spec) -> int:
     progress = Progress(not _opt(args, "no_progress", False), "generate")
     try:
         gen = _generator(args, timings, conditions, progress)
-        atlas = gen.generate(conditions, seed=_opt(args, "seed", 0), steps=_opt(args, "steps"),
-                             guidance=_opt(args, "guidance"), jacobian=_opt(args, "jacobian", False),
-                             progress=progress.callback(0.0, 0.8))
+        atlas = gen.generate(conditions, seed=_opt(args, "seed", 0), **_sampling(args),
+                             jacobian=_opt(args, "jacobian", False), progress=progress.callback(0.0, 0.8))
         atlas.timings = {**timings, **atlas.timings}
         written = write_atlas(atlas, out, bundle=gen.bundle, requested=conditions, prefix=args.prefix,
                               overwrite=_opt(args, "overwrite", False), preview=not args.no_preview,
-                              steps=_opt(args, "steps") or gen.sampling.get("steps"),
-                              guidance=_opt(args, "guidance", gen.sampling.get("guidance")),
                               progress=progress.callback(0.8, 0.2))
     finally:
         progress.close()
@@ -378,8 +394,7 @@ def cmd_trajectory(args, spec) -> int:
         frames = []
         n = len(values)
         for idx, v in enumerate(values):
-            atlas = gen.generate({**fixed, name: v}, seed=_opt(args, "seed", 0), steps=_opt(args, "steps"),
-                                 guidance=_opt(args, "guidance"), jacobian=False,
+            atlas = gen.generate({**fixed, name: v}, seed=_opt(args, "seed", 0), **_sampling(args), jacobian=False,
                                  progress=progress.callback(0.85 * idx / n, 0.85 / n))
             for w in atlas.warnings:
                 if w not in warned:
@@ -391,8 +406,6 @@ def cmd_trajectory(args, spec) -> int:
         write_trajectory(frames, out, name, bundle=gen.bundle, requested={**fixed, name: values},
                          prefix=args.prefix, overwrite=_opt(args, "overwrite", False), plane=args.plane,
                          slice_index=args.slice_index, frame_ms=args.frame_ms,
-                         steps=_opt(args, "steps") or gen.sampling.get("steps"),
-                         guidance=_opt(args, "guidance", gen.sampling.get("guidance")),
                          progress=progress.callback(0.85, 0.15))
     finally:
         progress.close()
@@ -426,7 +439,7 @@ def cmd_compare(args, spec) -> int:
         try:
             result = compare_subject(gen, subject, subject_grid, conditions, subject_labels=labels,
                                      seed=_opt(args, "seed", 0), progress=progress.callback(0.0, 0.85),
-                                     labels_grid=labels_grid)
+                                     labels_grid=labels_grid, sampling=_sampling(args))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         result.timings = {**timings, **result.timings}

@@ -268,7 +268,7 @@ def compare_subject(generator: AtlasGenerator, subject: np.ndarray, subject_grid
                     subject_labels: np.ndarray | None = None, seed: int = 0, atlas: Atlas | None = None,
                     progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
                     labels_grid: Grid | None = None,
-                    affine_options: affine_mod.AffineOptions | None = None) -> Comparison:
+                    affine_options: affine_mod.AffineOptions | None = None, sampling: dict | None = None) -> Comparison:
     """Compare a subject T1 with its condition-matched atlas (see the module docstring).
 
     ``subject``: a 3-D T1 ``(i, j, k)`` on ``subject_grid`` (any spacing / orientation, skull-stripped as the
@@ -277,7 +277,8 @@ def compare_subject(generator: AtlasGenerator, subject: np.ndarray, subject_grid
     given, must equal ``subject_grid``). ``seed``: atlas sampling and affine metric sampling. ``atlas``: reuse an
     atlas from ``generator.generate`` instead of generating one. ``progress(fraction, message)`` is called between
     steps; ``cancel()`` returning True raises :class:`~diffdef.sampling.Cancelled`. ``affine_options``: see
-    :class:`diffdef.affine.AffineOptions` (its seed is replaced by ``seed``).
+    :class:`diffdef.affine.AffineOptions` (its seed is replaced by ``seed``). ``sampling``: ``steps``, ``guidance``
+    and ``samples`` for :meth:`~diffdef.generate.AtlasGenerator.generate` (None or absent: the bundle's).
 
     Raises ``ValueError`` with a clear message for a subject that is not 3-D, holds NaN / inf or is constant;
     labels on another grid, empty, or with non-template values; invalid conditions (a ``ConditionError``)."""
@@ -305,7 +306,7 @@ def compare_subject(generator: AtlasGenerator, subject: np.ndarray, subject_grid
     if atlas is None:
         step(0.0, "Generating the condition-matched atlas")
         t = time.perf_counter()
-        atlas = generator.generate(conditions, seed=seed, cancel=cancel,
+        atlas = generator.generate(conditions, seed=seed, **(sampling or {}), cancel=cancel,
                                    progress=(lambda f, m: progress(0.4 * f, "Atlas generated" if f >= 1 else m))
                                    if progress else None)
         timings["atlas_s"] = time.perf_counter() - t

@@ -37,6 +37,7 @@ class Atlas:
     interpolation of ``working_displacement_mm`` ((i, j, k, 3) RAS mm on ``working_grid``, where the velocity is
     integrated), so exporting the working-grid field loses nothing (ITK interpolates it the same way).
     ``velocity``: (1, 3, ...) on the working grid, working-grid voxels.
+    ``sampling``: the DDIM ``steps``, ``guidance`` and number of averaged latents ``samples`` that made it.
     ``folding_ratio``: % of working-grid voxels with det J <= 0 (where the map is integrated); with
     ``jacobian`` the 1 mm det J map is kept and ``folding_ratio_1mm`` is measured on it as well."""
 
@@ -47,6 +48,7 @@ class Atlas:
     conditions: dict
     seed: int
     folding_ratio: float
+    sampling: dict
     label_volumes_ml: dict
     velocity: torch.Tensor
     working_displacement_mm: np.ndarray | None = None
@@ -71,27 +73,39 @@ class AtlasGenerator:
         self.sampling = self.bundle.meta["sampling"]
 
     def velocity(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 progress: Callable | None = None, cancel: Callable | None = None) -> tuple[torch.Tensor, dict, list]:
-        """Validated conditions -> velocity ``(1, 3, ...)`` on the working grid (voxels), values, warnings."""
+                 samples: int | None = None, progress: Callable | None = None,
+                 cancel: Callable | None = None) -> tuple[torch.Tensor, dict, list, dict]:
+        """Validated conditions -> velocity ``(1, 3, ...)`` on the working grid (voxels), values, warnings and the
+        sampling settings used (``steps``, ``guidance``, ``samples``; None = the bundle's).
+
+        With ``samples`` K > 1, K latents are drawn in one batch and their decoded velocities averaged: the
+        log-Euclidean mean of K draws of the condition's atlas, which stays diffeomorphic because the mean is taken
+        before integration. The first latent of a batch is the one ``samples=1`` draws with the same seed."""
         values, warnings = self.spec.validate(conditions)
-        cond = self.spec.normalise(values).to(self.device)
+        used = {"steps": int(steps or self.sampling["steps"]),
+                "guidance": float(self.sampling["guidance"] if guidance is None else guidance),
+                "samples": int(samples or self.sampling.get("samples", 1))}
+        if used["steps"] < 1 or used["samples"] < 1:
+            raise ValueError(f"steps and samples must be at least 1 (got steps {used['steps']}, "
+                             f"samples {used['samples']}).")
+        cond = self.spec.normalise(values).to(self.device).expand(used["samples"], -1)
         nets = self.bundle.nets
         gen = torch.Generator().manual_seed(int(seed))
-        steps = int(steps or self.sampling["steps"])
         latent = sample_latents(
             nets["diffusion"], nets["condition_embedding"], self.bundle.meta["architecture"]["scheduler"], cond,
-            self.bundle.latent_shape, steps=steps, guidance=float(self.sampling["guidance"] if guidance is None else guidance),
-            generator=gen, cancel=cancel,
+            self.bundle.latent_shape, steps=used["steps"], guidance=used["guidance"], generator=gen, cancel=cancel,
             progress=(lambda n, total: progress(0.8 * n / total, f"Diffusion step {n}/{total}")) if progress else None)
         with torch.no_grad():
-            velocity = nets["decoder"](latent, cond)
-        return velocity, values, warnings
+            velocity = nets["decoder"](latent, cond).mean(0, keepdim=True)
+        return velocity, values, warnings, used
 
     def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 jacobian: bool = False, progress: Callable | None = None, cancel: Callable | None = None) -> Atlas:
+                 samples: int | None = None, jacobian: bool = False, progress: Callable | None = None,
+                 cancel: Callable | None = None) -> Atlas:
+        """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``: see :meth:`velocity`."""
         timings = {}
         t0 = time.perf_counter()
-        velocity, values, warnings = self.velocity(conditions, seed, steps, guidance, progress, cancel)
+        velocity, values, warnings, used = self.velocity(conditions, seed, steps, guidance, samples, progress, cancel)
         timings["sampling_and_decoding_s"] = time.perf_counter() - t0
         if cancel is not None and cancel():
             raise Cancelled("Generation was cancelled.")
@@ -115,7 +129,7 @@ class AtlasGenerator:
         as_ijk3 = lambda d, g: displacement_to_mm(d, g)[0].permute(1, 2, 3, 0).cpu().numpy()
         atlas = Atlas(
             t1=t1[0, 0].cpu().numpy(), labels=labels_np, displacement_mm=as_ijk3(disp, self.template.grid),
-            grid=self.template.grid, conditions=values, seed=int(seed),
+            grid=self.template.grid, conditions=values, seed=int(seed), sampling=used,
             folding_ratio=metrics.folding_ratio(fields.jacobian_determinant(disp_work)),
             label_volumes_ml=self.template.label_volumes_ml(labels_np), velocity=velocity.cpu(),
             working_displacement_mm=as_ijk3(disp_work, work), working_grid=work,

@@ -258,8 +258,7 @@ def _frame_image(t1: np.ndarray, labels: np.ndarray, grid: Grid, plane: str, ind
 # Atlas
 
 
-def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, steps=None, guidance=None,
-                  files: dict | None = None) -> dict:
+def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict | None = None) -> dict:
     units = {}
     if bundle is not None:
         units = {c.name: c.unit for c in bundle.spec.conditions}
@@ -270,8 +269,7 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, steps=None,
         "conditions": atlas.conditions,
         "condition_units": units,
         "seed": atlas.seed,
-        "steps": steps,
-        "guidance": guidance,
+        **_sampling(atlas),
         "model": model_summary(bundle),
         "template": TEMPLATE_ID,
         "grid": {"shape": list(atlas.grid.shape), "affine_ras": atlas.grid.affine.tolist(),
@@ -292,6 +290,12 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, steps=None,
     }
 
 
+def _sampling(atlas) -> dict:
+    """The DDIM steps, guidance and averaged samples that made ``atlas`` (None where it does not say)."""
+    used = getattr(atlas, "sampling", None) or {}
+    return {k: used.get(k) for k in ("steps", "guidance", "samples")}
+
+
 def _export_field(atlas):
     """(displacement (i, j, k, 3) RAS mm, grid) to export: the working-grid field when the atlas has it."""
     if getattr(atlas, "working_displacement_mm", None) is not None:
@@ -300,8 +304,7 @@ def _export_field(atlas):
 
 
 def write_atlas(atlas, folder, bundle=None, requested: dict | None = None, prefix: str = "atlas",
-                overwrite: bool = False, preview: bool = True, steps=None, guidance=None,
-                progress: Callable | None = None) -> dict[str, Path]:
+                overwrite: bool = False, preview: bool = True, progress: Callable | None = None) -> dict[str, Path]:
     """Write ``atlas`` (a :class:`diffdef.generate.Atlas`) into ``folder``; returns ``{kind: path}``.
 
     The Jacobian determinant map is written when ``atlas.jacobian`` is set. ``atlas.timings["writing_s"]`` is
@@ -332,7 +335,7 @@ def write_atlas(atlas, folder, bundle=None, requested: dict | None = None, prefi
                                                                            f"DiffDef atlas: {title}")))
         _run_parallel(jobs)
         atlas.timings["writing_s"] = time.perf_counter() - t0
-        _write_json(tmp["sidecar"], atlas_sidecar(atlas, bundle, requested, steps, guidance, paths))
+        _write_json(tmp["sidecar"], atlas_sidecar(atlas, bundle, requested, paths))
     atlas.timings["writing_s"] = time.perf_counter() - t0
     if progress:
         progress(1.0, "Written")
@@ -345,7 +348,7 @@ def write_atlas(atlas, folder, bundle=None, requested: dict | None = None, prefi
 
 def write_trajectory(frames: list, folder, varying: str, bundle=None, requested: dict | None = None,
                      prefix: str = "trajectory", overwrite: bool = False, plane: str = "coronal",
-                     slice_index: int | None = None, frame_ms: int = 400, steps=None, guidance=None,
+                     slice_index: int | None = None, frame_ms: int = 400,
                      progress: Callable | None = None) -> dict[str, Path]:
     """Write a series of atlases (``frames``: Atlas objects; their displacement is not needed) as a 4-D T1 and
     label NIfTI (i, j, k, t), an animated GIF and a PNG montage of one fixed slice (through the ventricles of
@@ -401,8 +404,7 @@ def write_trajectory(frames: list, folder, varying: str, bundle=None, requested:
             "varying": varying,
             "conditions_requested": requested,
             "seed": frames[0].seed,
-            "steps": steps,
-            "guidance": guidance,
+            **_sampling(frames[0]),
             "model": model_summary(bundle),
             "template": TEMPLATE_ID,
             "grid": {"shape": list(grid.shape), "affine_ras": grid.affine.tolist()},

@@ -34,6 +34,9 @@ class CohortConfig:
 #: Field metadata of an option added after models were trained, whose default keeps the earlier behaviour: at its
 #: default it is left out of run hashes and checkpoint keys, so stages finished before it existed stay current.
 ADDED = {"added": True}
+#: Field metadata of an option read only when atlases are generated from the exported bundle: never part of a run
+#: hash or checkpoint key, so changing it re-exports the bundle and retrains nothing.
+GENERATION_ONLY = {"generation_only": True}
 
 
 @dataclass
@@ -69,8 +72,10 @@ class RegistrationConfig(StageConfig):
 
 
 def identity_fields(section) -> list:
-    """The fields of a config section that identify a run: all but :data:`ADDED` options at their default."""
-    return [f for f in dataclasses.fields(section) if not (f.metadata.get("added") and getattr(section, f.name) == _default(f))]
+    """The fields of a config section that identify a run: all but :data:`ADDED` options at their default and
+    :data:`GENERATION_ONLY` options."""
+    return [f for f in dataclasses.fields(section) if not f.metadata.get("generation_only")
+            and not (f.metadata.get("added") and getattr(section, f.name) == _default(f))]
 
 
 def _default(f: dataclasses.Field):
@@ -114,6 +119,7 @@ class SamplingConfig:
     steps: int = 20  # DDIM steps
     guidance: float = 1.5  # classifier-free guidance scale
     integration_steps: int = 7  # scaling-and-squaring steps
+    samples: int = field(default=8, metadata=GENERATION_ONLY)  # diffusion draws whose decoded velocities are averaged into one atlas (their log-Euclidean mean, an estimate of the condition's expected atlas rather than one draw of it); recorded in the bundle as the generation default, not used in training (docs/decoder-sweep.md, tenth round)
 
 
 @dataclass
@@ -252,6 +258,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                 raise ConfigError(f"{name}.{key} must be >= 1, got {getattr(s, key)}.")
         if s.lr <= 0 or not 0 <= s.ema < 1:
             raise ConfigError(f"{name}.lr must be > 0 and {name}.ema in [0, 1).")
+    for key in ("steps", "samples"):
+        if getattr(cfg.sampling, key) < 1:
+            raise ConfigError(f"sampling.{key} must be >= 1, got {getattr(cfg.sampling, key)}.")
     if cfg.decoder.neighbours < 1 or cfg.decoder.sigma <= 0:
         raise ConfigError("decoder.neighbours must be >= 1 and decoder.sigma > 0.")
     for name, label in cfg.decoder.volume_labels.items():
