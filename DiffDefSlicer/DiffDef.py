@@ -55,6 +55,7 @@ class DiffDefParameterNode:
     conditionValues: str = "{}"
     seed: int = 0
     steps: int = 0  # 0: the bundle's default
+    samples: int = 0  # diffusion draws averaged into one atlas; 0: the bundle's default
     surfaces: bool = False
     subjectVolume: slicer.vtkMRMLScalarVolumeNode
     subjectSegmentation: slicer.vtkMRMLSegmentationNode
@@ -311,7 +312,8 @@ class DiffDefWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerate(self):
         p = self._parameterNode
         result = self._run("Generate", lambda: self.logic.generate(
-            self._conditions(), steps=p.steps or None, surfaces=p.surfaces, **self._common()))
+            self._conditions(), steps=p.steps or None, samples=p.samples or None, surfaces=p.surfaces,
+            **self._common()))
         if result is not None:
             slicer.util.setSliceViewerLayers(background=result.atlas_volume, fit=True)
             self._lastAtlas = result
@@ -337,7 +339,7 @@ class DiffDefWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fixed = {k: v for k, v in self._conditions().items() if k != p.trajectoryCondition}
         common = self._common()
         result = self._run("Trajectory", lambda: self.logic.trajectory(
-            p.trajectoryCondition, values, fixed, steps=p.steps or None, **common))
+            p.trajectoryCondition, values, fixed, steps=p.steps or None, samples=p.samples or None, **common))
         if result is not None:
             slicer.modules.sequences.toolBar().setActiveBrowserNode(result.browser)
             slicer.modules.sequences.setToolBarVisible(True)

@@ -95,8 +95,9 @@ class AtlasGenerator:
             nets["diffusion"], nets["condition_embedding"], self.bundle.meta["architecture"]["scheduler"], cond,
             self.bundle.latent_shape, steps=used["steps"], guidance=used["guidance"], generator=gen, cancel=cancel,
             progress=(lambda n, total: progress(0.8 * n / total, f"Diffusion step {n}/{total}")) if progress else None)
-        with torch.no_grad():
-            velocity = nets["decoder"](latent, cond).mean(0, keepdim=True)
+        with torch.no_grad():  # one latent at a time: on 2 CPU threads the decoder's batch of 8 took 0.54-0.62 s,
+            # eight single passes 0.38 s (the diffusion U-Net, by contrast, gains from the batch: 1.3 s against 2.4 s)
+            velocity = sum(nets["decoder"](latent[i:i + 1], cond[:1]) for i in range(len(latent))) / len(latent)
         return velocity, values, warnings, used
 
     def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
