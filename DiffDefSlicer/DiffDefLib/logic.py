@@ -155,10 +155,12 @@ class DiffDefSceneLogic:
     # ------------------------------------------------------------------------------------------- generate
     def generate(self, conditions: dict, bundle_path=None, device: str = "auto", seed: int = 0,
                  steps: int | None = None, guidance: float | None = None, samples: int | None = None,
-                 name: str | None = None, jacobian: bool = False, surfaces: bool = False, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None) -> GenerateResult:
+                 name: str | None = None, jacobian: bool = False, surfaces: bool = False,
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> GenerateResult:
         """Atlas for ``conditions`` -> scalar volume (IJKToRAS = template affine), segmentation (named, coloured
-        segments), grid transform (FromParent p -> p + u(p), RAS mm) and optionally the Jacobian determinant."""
+        segments), grid transform (FromParent p -> p + u(p), RAS mm) and optionally the Jacobian determinant.
+        ``steps``, ``guidance``, ``samples`` (diffusion draws averaged; None = the bundle's): see
+        :meth:`diffdef.generate.AtlasGenerator.velocity`."""
         t0 = time.perf_counter()
         gen = self.generator(bundle_path, device)
         warnings = self.validate_conditions(gen.spec, conditions)

@@ -292,8 +292,7 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
 
 def _sampling(atlas) -> dict:
     """The DDIM steps, guidance and averaged samples that made ``atlas`` (None where it does not say)."""
-    used = getattr(atlas, "sampling", None) or {}
-    return {k: used.get(k) for k in ("steps", "guidance", "samples")}
+    return {k: atlas.sampling.get(k) for k in ("steps", "guidance", "samples")}
 
 
 def _export_field(atlas):
