@@ -322,11 +322,13 @@ class DiffDefWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         atlas = getattr(self, "_lastAtlas", None)
         if atlas is not None and (atlas.atlas.conditions != self.logic.generator(self._bundle(), p.device)
-                                  .spec.validate(self._conditions())[0] or atlas.atlas.seed != p.seed):
+                                  .spec.validate(self._conditions())[0] or atlas.atlas.seed != p.seed
+                                  or any(p_value and atlas.atlas.sampling[key] != p_value
+                                         for key, p_value in (("steps", p.steps), ("samples", p.samples)))):
             atlas = None
         result = self._run("Compare", lambda: self.logic.compare(
             p.subjectVolume, self._conditions(), subject_segmentation=p.subjectSegmentation, atlas=atlas,
-            **self._common()))
+            steps=p.steps or None, samples=p.samples or None, **self._common()))
         if result is not None:
             slicer.util.setSliceViewerLayers(background=result.warped_volume, foreground=result.log_jacobian_volume,
                                              foregroundOpacity=0.5, fit=True)

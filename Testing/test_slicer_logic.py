@@ -310,6 +310,25 @@ def test_bad_inputs_leave_the_scene_unchanged(session, subject, tiny_bundle, tmp
                           "averaged samples must be at least 1")
     _expect_clean_failure(scene, lambda: logic.trajectory("age", [50, 60], bundle_path=tiny_bundle, device="cpu",
                                                           steps=-1), "sampling steps must be at least 1")
+    _expect_clean_failure(scene, lambda: logic.compare(volume, CONDITIONS, samples=-1, **kw),
+                          "averaged samples must be at least 1")
+
+
+def test_compare_generates_its_atlas_with_the_sampling_asked(session, subject, tiny_bundle, monkeypatch):
+    """Without an atlas to reuse, Compare passes steps, guidance and samples on to the core's comparison."""
+    import diffdef.compare
+
+    scene, logic, _ = session
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs["sampling"])
+        raise ValueError("stopped after the check")
+
+    monkeypatch.setattr(diffdef.compare, "compare_subject", stop)
+    with pytest.raises(DiffDefError, match="stopped after the check"):
+        logic.compare(subject[0], CONDITIONS, bundle_path=tiny_bundle, device="cpu", steps=2, samples=3)
+    assert seen == {"steps": 2, "guidance": None, "samples": 3}
 
 
 def test_extrapolation_is_a_warning(session, tiny_bundle):

@@ -283,13 +283,16 @@ class DiffDefSceneLogic:
 
     def compare(self, subject_volume, conditions: dict, subject_segmentation=None, bundle_path=None,
                 device: str = "auto", seed: int = 0, atlas=None, name: str | None = None, show: bool = True,
+                steps: int | None = None, guidance: float | None = None, samples: int | None = None,
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> CompareResult:
         """Register the subject to its condition-matched atlas (affine, then the learned deformable registration,
         :func:`diffdef.compare.compare_subject`) -> grid transform (subject into atlas space), log-Jacobian map
         (positive = subject larger, diverging colours, foreground of the slice views), table of metrics, and the
         subject resampled into atlas space. ``atlas``: a :class:`diffdef.generate.Atlas` (or a
-        :class:`GenerateResult`) for these conditions, to skip generating it again."""
+        :class:`GenerateResult`) for these conditions, to skip generating it again; otherwise it is generated with
+        ``steps``, ``guidance`` and ``samples`` (None = the bundle's)."""
         t0 = time.perf_counter()
+        sampling = self._sampling(steps, guidance, samples)
         array, grid, labels, warnings = self.subject_arrays(subject_volume, subject_segmentation)
         gen = self.generator(bundle_path, device)
         warnings = self.validate_conditions(gen.spec, conditions) + warnings
@@ -300,7 +303,8 @@ class DiffDefSceneLogic:
 
         try:
             comparison = compare_subject(gen, array, grid, conditions, subject_labels=labels, seed=int(seed),
-                                         atlas=atlas, progress=_subrange(progress, 0.0, 0.95), cancel=cancel)
+                                         atlas=atlas, progress=_subrange(progress, 0.0, 0.95), cancel=cancel,
+                                         sampling=sampling)
         except ConditionError as exc:
             raise DiffDefError(str(exc)) from exc
         except ValueError as exc:  # the core's clear messages about the subject
