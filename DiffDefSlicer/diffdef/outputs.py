@@ -269,7 +269,7 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
         "conditions": atlas.conditions,
         "condition_units": units,
         "seed": atlas.seed,
-        **_sampling(atlas),
+        **_sampling_used(atlas),
         "model": model_summary(bundle),
         "template": TEMPLATE_ID,
         "grid": {"shape": list(atlas.grid.shape), "affine_ras": atlas.grid.affine.tolist(),
@@ -290,7 +290,7 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
     }
 
 
-def _sampling(atlas) -> dict:
+def _sampling_used(atlas) -> dict:
     """The DDIM steps, guidance and averaged samples that made ``atlas`` (None where it does not say)."""
     return {k: atlas.sampling.get(k) for k in ("steps", "guidance", "samples")}
 
@@ -403,7 +403,7 @@ def write_trajectory(frames: list, folder, varying: str, bundle=None, requested:
             "varying": varying,
             "conditions_requested": requested,
             "seed": frames[0].seed,
-            **_sampling(frames[0]),
+            **_sampling_used(frames[0]),
             "model": model_summary(bundle),
             "template": TEMPLATE_ID,
             "grid": {"shape": list(grid.shape), "affine_ras": grid.affine.tolist()},
