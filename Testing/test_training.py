@@ -275,24 +275,26 @@ def test_decoder_without_mp_loss_trains(tiny_run, tmp_path):
 
 def test_decoder_loss_weights_each_logged_term(tiny_run, tmp_path):
     """The decoder's logged total loss is its logged terms weighted as configured, and the neighbourhood-volume
-    term has a weight of its own (3 here, the requested-volume term 1): tiny.yaml's decoder retrained."""
+    and -shape terms have weights of their own (3 and 7 here, the requested-volume term 1): tiny.yaml's decoder
+    retrained."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("bundle"))
     cfg = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml",
-                      {"output": str(run), "decoder": {"neighbourhood_volume_weight": 3.0}})
+                      {"output": str(run), "decoder": {"neighbourhood_volume_weight": 3.0,
+                                                       "neighbourhood_shape_labels": [4], "neighbourhood_shape_weight": 7.0}})
     run_pipeline(cfg, progress=False)
     d = cfg.decoder
     rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(run / "decoder" / "log.csv"))]
     assert len(rows) == d.steps and d.volume_weight == 1.0
     for r in rows:
-        assert r["neighbourhood_volume"] > 0
+        assert r["neighbourhood_volume"] > 0 and r["neighbourhood_shape"] > 0
         terms = (d.sim_weight * r["similarity"] + d.smooth_weight * r["smoothness"] + d.mp_weight * r["centrality"]
-                 + d.volume_weight * r["volume"] + 3.0 * r["neighbourhood_volume"])
+                 + d.volume_weight * r["volume"] + 3.0 * r["neighbourhood_volume"] + 7.0 * r["neighbourhood_shape"])
         assert r["loss"] == pytest.approx(terms, rel=1e-5)
 
 
 def test_config_refuses_a_negative_or_nan_volume_setting():
-    for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma"):
+    for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma", "neighbourhood_shape_weight"):
         for bad in (-1.0, float("nan")):
             with pytest.raises(ConfigError, match=rf"decoder\.{key} must be >= 0"):
                 load_config(None, {"decoder": {key: bad}})
@@ -590,7 +592,44 @@ def test_decoder_neighbourhood_volume_term(small_cohort):
         stages.DecoderObjective(cfg, unlabelled, RegistrationNet(**cfg.architecture["registration"]), "cpu")
 
 
+def test_decoder_neighbourhood_shape_term(small_cohort):
+    """The neighbourhood-shape term: at the identity it is sum((template fraction - q)^2) / sum(template fraction)
+    per label, q the Gaussian-weighted mean of the subjects' one-hot label maps (hand-computed here), summed over
+    the labels; it is 0 for an atlas equal to that mean, has a gradient, and a cohort without label maps is refused."""
+    import copy
+
+    from diffdef.networks import RegistrationNet
+
+    cond = small_cohort.spec.normalise({"age": 70.0, "ventricle_volume": 30.0})[0]
+    cfg = load_config(None, {**SMALL, "decoder": {"neighbourhood_shape_labels": [4, 1]}})
+    objective = stages.DecoderObjective(cfg, small_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+    zero = torch.zeros(1, 3, *small_cohort.images.shape[2:], requires_grad=True)
+    loss = objective.neighbourhood_shape(zero, cond)
+    w = stages.neighbourhood_weights(cond, small_cohort.conditions, cfg.decoder.sigma)
+    expected = 0.0
+    for label in (4, 1):
+        q = sum(wi * (small_cohort.labels[i, label] > 0.5).float() for i, wi in enumerate(w)) / w.sum()
+        p = small_cohort.template_fractions[0, label]
+        expected += float(((p - q) ** 2).sum() / p.sum())
+    assert loss.item() == pytest.approx(expected, rel=1e-4) and expected > 0
+    loss.backward()
+    assert zero.grad.abs().sum() > 0
+    # an atlas whose fractions are the neighbourhood's mean scores 0
+    mean_cohort = copy.copy(small_cohort)
+    mean_cohort.template_fractions = small_cohort.template_fractions.clone()
+    for label in (4, 1):
+        mean_cohort.template_fractions[0, label] = (w[:, None, None, None] * small_cohort.labels[:, label]).sum(0) / w.sum()
+    at_mean = stages.DecoderObjective(cfg, mean_cohort, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+    assert float(at_mean.neighbourhood_shape(torch.zeros_like(zero), cond)) == pytest.approx(0.0, abs=1e-10)
+    unlabelled = copy.copy(small_cohort)
+    unlabelled.labels = None
+    with pytest.raises(ValueError, match="neighbourhood_shape_labels needs label maps"):
+        stages.DecoderObjective(cfg, unlabelled, RegistrationNet(**cfg.architecture["registration"]), "cpu")
+
+
 @pytest.mark.parametrize("decoder, words", [
+    ({"neighbourhood_shape_labels": [0]}, "template label values"),
+    ({"neighbourhood_shape_labels": [9]}, "template label values"),
     ({"neighbourhood_volume_labels": [0]}, "template label values"),
     ({"neighbourhood_volume_labels": [2, 7]}, "template label values"),
     ({"neighbourhood_volume_labels": [[2, 7]]}, "template label values"),
@@ -737,9 +776,10 @@ def test_added_options_at_their_default_keep_finished_runs_current():
                             ("decoder", "local_linear"), ("registration", "antisymmetric"),
                             ("decoder", "velocity_smoothing_mm"), ("decoder", "neighbourhood_volume_weight"),
                             ("decoder", "log_conditions"), ("decoder", "bank_uniform"),
-                            ("decoder", "neighbourhood_volume_sigma")):
+                            ("decoder", "neighbourhood_volume_sigma"), ("decoder", "neighbourhood_shape_labels"),
+                            ("decoder", "neighbourhood_shape_weight")):
         value = {"velocity_smoothing_mm": 4.0, "neighbourhood_volume_weight": 4.0, "bank_uniform": 0.5,
-                 "neighbourhood_volume_sigma": 0.2,
+                 "neighbourhood_volume_sigma": 0.2, "neighbourhood_shape_labels": [4], "neighbourhood_shape_weight": 4.0,
                  "log_conditions": ["ventricle_volume"]}.get(option, True)
         changed = load_config(ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", {section: {option: value}})
         assert changed.hash(*sections) != cfg.hash(*sections)

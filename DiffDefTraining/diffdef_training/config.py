@@ -112,6 +112,8 @@ class DecoderConfig(StageConfig):
     neighbourhood_volume_weight: float = field(default=1.0, metadata=ADDED)  # weight of the neighbourhood-volume term (squared log ratio of atlas to neighbourhood volume, neighbourhood_volume_labels)
     neighbourhood_volume_local_linear: bool = field(default=False, metadata=ADDED)  # the neighbourhood-volume target is local-linear regression's estimate at the condition (the Gaussian weights times local_linear_factors) instead of the Gaussian mean, which the cohort's edges pull inwards (brain tissue B(a) at 80 y, sigma 0.45: +0.51 %)
     neighbourhood_volume_sigma: float = field(default=0.0, metadata=ADDED)  # Gaussian width of the neighbourhood-volume target's weights, 0 = decoder.sigma: a scalar mean needs fewer neighbours than the centrality's field mean, so it can keep a narrower kernel when the neighbour draws widen (with sigma 0.45 a target at 0.3 moved the brain tissue's by under 0.4 points and did not keep it within 2 %: docs/decoder-sweep.md, ninth round)
+    neighbourhood_shape_labels: list = field(default_factory=list, metadata=ADDED)  # template labels whose fraction map in the atlas is pulled towards the Gaussian-weighted mean of the cohort's label maps (needs cohort label maps): a centrality measured on the labels themselves, without the registration network; suits large structures such as the ventricles ([4]), not thin ones (cortex), whose mean the subjects' own variation blurs below one half
+    neighbourhood_shape_weight: float = field(default=1.0, metadata=ADDED)  # weight of the neighbourhood-shape term (squared difference of the atlas's and the neighbourhood's label fractions, summed over the grid and divided by the template label's volume, neighbourhood_shape_labels)
 
 
 @dataclass
@@ -276,6 +278,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("decoder.neighbourhood_volume_labels has an empty group; list its labels, e.g. [[2, 3]].")
         for label in group:
             _check_label(label, "decoder.neighbourhood_volume_labels must list template label values (or lists of them)")
+    for label in cfg.decoder.neighbourhood_shape_labels:
+        _check_label(label, "decoder.neighbourhood_shape_labels must list template label values")
     clash = {label for group in groups for label in group} & set(cfg.decoder.volume_labels.values())
     if clash:
         raise ConfigError(f"Label {sorted(clash)[0]} is in both decoder.volume_labels (its volume is a condition) "
@@ -284,7 +288,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if not (0 <= d.bank_mixing <= 1 and 0 <= d.bank_uniform <= 1 and d.bank_mixing + d.bank_uniform <= 1):
         raise ConfigError(f"decoder.bank_mixing and decoder.bank_uniform must each be in [0, 1] and add up to at most 1, "
                           f"got {d.bank_mixing} and {d.bank_uniform}.")
-    for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma"):
+    for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma", "neighbourhood_shape_weight"):
         if not getattr(cfg.decoder, key) >= 0:  # also refuses NaN
             raise ConfigError(f"decoder.{key} must be >= 0, got {getattr(cfg.decoder, key)}.")
     if cfg.cohort.factor not in (2, 4, 8):

@@ -320,7 +320,10 @@ class DecoderObjective:
     template's: the atlas's from the warped fractions, the neighbourhood's the Gaussian-weighted mean over the
     cohort's label maps (each divided by the template's volume measured the same way, so the label maps'
     partial-volume bias cancels), or with ``decoder.neighbourhood_volume_local_linear`` the local-linear estimate
-    at the condition; its Gaussian width is ``decoder.neighbourhood_volume_sigma`` where that is set.
+    at the condition; its Gaussian width is ``decoder.neighbourhood_volume_sigma`` where that is set; and for each
+    label of ``decoder.neighbourhood_shape_labels``, the neighbourhood-shape term sum_x (p(x) - q(x))^2 / sum_x p_T(x):
+    p the atlas's warped template fraction, q the Gaussian-weighted (``decoder.sigma``) mean of the cohort's label
+    maps, p_T the template's fraction.
 
     Why the volume term: the Gaussian neighbourhood only pulls the atlas towards its neighbours' *mean*, and
     through a registration network that recovers part of each displacement; at the edges of the cohort (10 or
@@ -335,7 +338,17 @@ class DecoderObjective:
     worst tissue error at 1.89 % against 2.02 % without it, and with the log-uniform bank (``bank_uniform``) at
     1.77 % against 2.41 %, so the shipped configuration uses it; at weight 300 it also holds the tissue within 2 %
     with the wider neighbourhood (sigma 0.45) that lifts the GM/WM Dice (docs/decoder-sweep.md, fifth to ninth
-    rounds)."""
+    rounds).
+
+    Why the shape term: with the law's own coefficients the atlas's 1 mm Dice would be 0.98-1.0 everywhere; what
+    costs it is a field off the law's two directions that the network-measured centrality leaves, 1.5-2.5 mm RMS
+    around the ventricles (0.6-0.9 mm elsewhere), and that field alone takes the ventricles' Dice to 0.81-0.89.
+    The squared difference to the neighbours' mean label map is smallest where the atlas's edge follows the
+    mean's one-half contour, which for the ventricles lies close to the true atlas's (4 mm Dice 0.92-0.98 at the
+    benchmark's in-range conditions, 0.88 at 65 y / 10 ml where the cohort is sparse): a centrality measured on
+    the labels, where the registration network sees a third of each displacement. Thin structures need the
+    network: the subjects' own variation blurs the cortex's mean below one half (GM Dice of the mean's labels
+    0.94-0.95; docs/decoder-sweep.md, eleventh round)."""
 
     def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
         self.cfg, self.cohort, self.device = cfg, cohort, device
@@ -367,6 +380,15 @@ class DecoderObjective:
             self.neighbourhood_ratios = _grouped(cohort.labels, groups).sum(dim=(2, 3, 4)).float() / template_hard
             self.template_soft = self.neighbourhood_fractions.sum(dim=(0, 2, 3, 4))  # (V,) voxels
         self.has_volume_terms = bool(self.volume_columns or groups)
+        shape_labels = list(cfg.decoder.neighbourhood_shape_labels)
+        self.has_neighbourhood_shape = bool(shape_labels)
+        if shape_labels:
+            if cohort.labels is None:
+                raise ValueError("decoder.neighbourhood_shape_labels needs label maps for every cohort subject "
+                                 "(a 'labels' column in the manifest); remove the key or add the label maps.")
+            self.shape_fractions = cohort.template_fractions[:, shape_labels].to(device)  # (1, S, ...)
+            self.shape_maps = cohort.labels[:, shape_labels].to(device)  # (N, S, ...) one-hot
+            self.shape_norm = self.shape_fractions.sum(dim=(0, 2, 3, 4))  # (S,) template voxels
 
     def atlas(self, velocity) -> tuple[torch.Tensor, torch.Tensor]:
         """The template warped by the integrated velocity, and the displacement (working-grid voxels)."""
@@ -427,6 +449,16 @@ class DecoderObjective:
         ratio = fields.warp_probabilities(self.neighbourhood_fractions, disp).sum(dim=(0, 2, 3, 4)) / self.template_soft
         log_ratio = torch.log(ratio.clamp_min(1e-6) / target)
         return log_ratio.pow(2).sum(), (100 * (ratio.detach() / target - 1)).tolist()
+
+    def neighbourhood_shape(self, disp, condition) -> torch.Tensor:
+        """The neighbourhood-shape term of one atlas (``disp`` (1, 3, ...), normalised ``condition`` (K,)), summed over
+        ``decoder.neighbourhood_shape_labels``; 0 without them."""
+        if not self.has_neighbourhood_shape:
+            return disp.new_zeros(())
+        w = self.space.weights(condition.cpu(), self.cfg.decoder.sigma).to(self.shape_maps)
+        target = torch.tensordot(w / w.sum(), self.shape_maps, dims=1)  # (S, ...): the cohort's mean label map
+        atlas = fields.warp_probabilities(self.shape_fractions, disp)[0]
+        return ((atlas - target).pow(2).sum(dim=(1, 2, 3)) / self.shape_norm).sum()
 
     def neighbours(self, condition, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``decoder.neighbours`` cohort indices drawn from the Gaussian neighbourhood of ``condition``, and
@@ -517,6 +549,9 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
                     t["neighbourhood_volume"], errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
                     neighbourhood_errors += errors
                     loss = loss + dcfg.neighbourhood_volume_weight * t["neighbourhood_volume"]
+            if objective.has_neighbourhood_shape:
+                t["neighbourhood_shape"] = objective.neighbourhood_shape(disp[b : b + 1], cond[b])
+                loss = loss + dcfg.neighbourhood_shape_weight * t["neighbourhood_shape"]
             total = total + loss / len(idx)
             for k, v in t.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / len(idx)
