@@ -627,6 +627,26 @@ def test_decoder_neighbourhood_shape_term(small_cohort):
         stages.DecoderObjective(cfg, unlabelled, RegistrationNet(**cfg.architecture["registration"]), "cpu")
 
 
+@pytest.mark.parametrize("key", ["neighbourhood_volume_labels", "neighbourhood_shape_labels"])
+def test_pipeline_refuses_label_terms_without_label_maps_before_any_stage(key, tmp_path, monkeypatch):
+    """A decoder term that reads the cohort's label maps, on a cohort without them, stops the pipeline before the
+    first stage trains (it used to fail only when the decoder stage began, after the upstream stages' hours)."""
+    from diffdef_training import pipeline
+
+    real = pipeline.load_cohort
+
+    def without_labels(cfg, split="train", progress=True):
+        cohort, raw = real(cfg, split, progress)
+        cohort.labels = None
+        return cohort, raw
+
+    monkeypatch.setattr(pipeline, "load_cohort", without_labels)
+    cfg = load_config(None, {**SMALL, "output": str(tmp_path / "run"), "decoder": {key: [4] if "shape" in key else [[2, 3]]}})
+    with pytest.raises(ValueError, match=rf"decoder\.{key} needs label maps"):
+        run_pipeline(cfg, progress=False)
+    assert not (tmp_path / "run" / "autoencoder").exists()
+
+
 @pytest.mark.parametrize("decoder, words", [
     ({"neighbourhood_shape_labels": [0]}, "template label values"),
     ({"neighbourhood_shape_labels": [9]}, "template label values"),

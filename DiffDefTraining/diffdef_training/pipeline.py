@@ -84,12 +84,13 @@ def condition_spec(cfg: TrainConfig, raw: np.ndarray) -> ConditionSpec:
 def prepared_cohort(cfg: TrainConfig, progress: bool = True) -> stages.CohortTensors:
     """The training cohort as the stages take it: conditions normalised by the cohort's own :class:`ConditionSpec`,
     which it keeps as ``spec`` (the decoder's volume terms read their condition's mean and sd from it). A cohort
-    that the decoder's neighbourhood cannot use (``decoder.log_conditions`` with a non-positive value) is refused
-    here, before any stage runs."""
+    that the decoder cannot use (``decoder.log_conditions`` with a non-positive value, label terms without label
+    maps) is refused here, before any stage runs."""
     cohort, raw = load_cohort(cfg, progress=progress)
     cohort.spec = condition_spec(cfg, raw)
     cohort.conditions = cohort.spec.normalise_tensor(cohort.conditions)
     stages.NeighbourhoodSpace(cohort.spec, cohort.conditions, cfg.decoder.log_conditions)
+    stages.check_label_maps(cfg, cohort)
     return cohort
 
 

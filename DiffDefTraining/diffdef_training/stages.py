@@ -308,6 +308,17 @@ class NeighbourhoodSpace:
         return neighbourhood_weights(self(condition), self.cohort, sigma)
 
 
+def check_label_maps(cfg: TrainConfig, cohort: CohortTensors) -> None:
+    """Refuse the decoder terms that read the cohort's label maps when the cohort has none (the pipeline calls
+    this before any stage trains, so a missing column costs no training time)."""
+    if cohort.labels is not None:
+        return
+    for key in ("neighbourhood_volume_labels", "neighbourhood_shape_labels"):
+        if getattr(cfg.decoder, key):
+            raise ValueError(f"decoder.{key} needs label maps for every cohort subject (a 'labels' column in the "
+                             "manifest); remove the key or add the label maps.")
+
+
 class DecoderObjective:
     """Loss of the deformation decoder for one condition: centrality = mean over brain voxels of
     ||mean_n u_n||^2 (mm^2), with u_n the frozen network's registration of the generated atlas to neighbour n
@@ -351,6 +362,7 @@ class DecoderObjective:
     0.94-0.95; docs/decoder-sweep.md, eleventh round)."""
 
     def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
+        check_label_maps(cfg, cohort)
         self.cfg, self.cohort, self.device = cfg, cohort, device
         self.registration = registration.to(device).eval()
         for p in self.registration.parameters():
@@ -371,9 +383,6 @@ class DecoderObjective:
         self.has_neighbourhood_volume = bool(groups)
         self.neighbourhood_fractions = _grouped(cohort.template_fractions, groups).to(device)  # (1, V, ...)
         if groups:
-            if cohort.labels is None:
-                raise ValueError("decoder.neighbourhood_volume_labels needs label maps for every cohort subject "
-                                 "(a 'labels' column in the manifest); remove the key or add the label maps.")
             template_hard = _grouped(fields.one_hot(cohort.template_fractions.argmax(1, keepdim=True),
                                                     cohort.template_fractions.shape[1]), groups).sum(dim=(2, 3, 4))  # (1, V)
             # each subject's group volumes relative to the template's, both from hard label maps: (N, V)
@@ -383,9 +392,6 @@ class DecoderObjective:
         shape_labels = list(cfg.decoder.neighbourhood_shape_labels)
         self.has_neighbourhood_shape = bool(shape_labels)
         if shape_labels:
-            if cohort.labels is None:
-                raise ValueError("decoder.neighbourhood_shape_labels needs label maps for every cohort subject "
-                                 "(a 'labels' column in the manifest); remove the key or add the label maps.")
             self.shape_fractions = cohort.template_fractions[:, shape_labels].to(device)  # (1, S, ...)
             self.shape_maps = cohort.labels[:, shape_labels].to(device)  # (N, S, ...) one-hot
             self.shape_norm = self.shape_fractions.sum(dim=(0, 2, 3, 4))  # (S,) template voxels
