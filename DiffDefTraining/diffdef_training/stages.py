@@ -351,15 +351,16 @@ class DecoderObjective:
     with the wider neighbourhood (sigma 0.45) that lifts the GM/WM Dice (docs/decoder-sweep.md, fifth to ninth
     rounds).
 
-    Why the shape term: with the law's own coefficients the atlas's 1 mm Dice would be 0.98-1.0 everywhere; what
-    costs it is a field off the law's two directions that the network-measured centrality leaves, 1.5-2.5 mm RMS
-    around the ventricles (0.6-0.9 mm elsewhere), and that field alone takes the ventricles' Dice to 0.81-0.89.
-    The squared difference to the neighbours' mean label map is smallest where the atlas's edge follows the
-    mean's one-half contour, which for the ventricles lies close to the true atlas's (4 mm Dice 0.92-0.98 at the
-    benchmark's in-range conditions, 0.88 at 65 y / 10 ml where the cohort is sparse): a centrality measured on
-    the labels, where the registration network sees a third of each displacement. Thin structures need the
-    network: the subjects' own variation blurs the cortex's mean below one half (GM Dice of the mean's labels
-    0.94-0.95; docs/decoder-sweep.md, eleventh round)."""
+    Why the shape term: projected onto the synthetic law's two directions, the decoder's velocity would score 1 mm
+    GM/WM Dice 0.98-1.0 at every in-range condition; what costs it is a field off those directions that the
+    network-measured centrality leaves, 1.5-2.4 mm RMS around the ventricles (0.6-0.9 mm elsewhere), and the part
+    near the ventricles alone takes their Dice to 0.82-0.90 (80 y, 65 y / 10-60 ml). The squared difference to the
+    neighbours' mean label map is smallest where the atlas's edge follows the mean's one-half contour, which for
+    the ventricles lies close to the true atlas's (4 mm Dice 0.92-0.98 at the benchmark's in-range conditions,
+    0.88 at 65 y / 10 ml where the cohort is sparse): a centrality measured on the labels, where the registration
+    network sees about 0.4 of each displacement. Thin structures need the network: the subjects' own variation
+    blurs the cortex's mean below one half (GM Dice of the mean's labels 0.94-0.95; docs/decoder-sweep.md,
+    eleventh round)."""
 
     def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
         check_label_maps(cfg, cohort)
