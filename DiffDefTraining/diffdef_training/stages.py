@@ -490,7 +490,11 @@ class DecoderObjective:
             disp = (disp - fields.integrate_velocity(self.registration(neighbour_images, atlases).float())) / 2
         if weights is None:
             return disp.mean(0, keepdim=True) * self.spacing
-        w = (weights / weights.sum()).to(disp)
+        # Local-linear factors average 1 over neighbours drawn with the Gaussian weights (sum w f = sum w), so the
+        # weighted mean divides by their number, not by their own sum: the factors take both signs at the
+        # cohort's edges, and the sum of ten of them can come close to 0 (sigma 0.6: a centrality of 1518
+        # instead of about 0.5 at one step, docs/decoder-sweep.md, twelfth round).
+        w = (weights / len(weights)).to(disp)
         return (w[:, None, None, None, None] * disp).sum(0, keepdim=True) * self.spacing
 
     def terms(self, velocity, atlas, neighbour_images, centrality_grad: bool = True, weights=None) -> dict:
