@@ -495,8 +495,7 @@ class DecoderObjective:
         # weighted mean divides by their number, not by their own sum: the factors take both signs at the
         # cohort's edges, and the sum of ten of them can come close to 0 (sigma 0.6: a centrality of 1518
         # instead of about 0.5 at one step, docs/decoder-sweep.md, twelfth round).
-        w = (weights / len(weights)).to(disp)
-        return (w[:, None, None, None, None] * disp).sum(0, keepdim=True) * self.spacing
+        return (weights.to(disp)[:, None, None, None, None] * disp).mean(0, keepdim=True) * self.spacing
 
     def terms(self, velocity, atlas, neighbour_images, centrality_grad: bool = True, weights=None) -> dict:
         """The three terms; ``weights`` those of :meth:`neighbours`; with ``centrality_grad`` False the centrality
