@@ -783,9 +783,70 @@ def test_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
     assert load_bundle(run / "bundle").nets["registration"].antisymmetric  # the option travels with the bundle
     assert not load_bundle(tiny_run / "bundle").nets["registration"].antisymmetric
 
+    done = subprocess.run(["bash", str(script), "fromb"], env={**env, "UPSTREAM": str(tiny_run / "bundle")},
+                          capture_output=True, text=True)  # a bundle as upstream: unpacked, then the decoder trains
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "fromb"
+    for stage in ("autoencoder", "diffusion", "registration"):
+        assert done_hash(run, stage) == done_hash(tiny_run, stage)
+        assert json.loads((run / stage / "done.json").read_text())["unpacked_from"] == str(tiny_run / "bundle")
+    assert (run / "val" / "evaluation.json").exists()
+
     refused = subprocess.run(["bash", str(script), "bad"], env={**env, "STAGES": "registration"}, capture_output=True, text=True)
     assert refused.returncode == 2 and "STAGES must include decoder" in refused.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_unpack_gives_a_run_the_bundles_upstream_stages(tiny_run, tiny_bundle, tmp_path, capsys):
+    """``diffdef-train unpack`` writes a bundle's autoencoder, diffusion and registration networks as finished
+    stages of a new run folder: the trained stages' own weights and hashes, so a decoder run on them retrains
+    nothing else and, with the same seed, trains the bundle's decoder again."""
+    from diffdef_training.cli import main
+
+    tiny, run = ROOT / "DiffDefTraining" / "configs" / "tiny.yaml", tmp_path / "run"
+    main(["unpack", str(tiny_bundle), "--config", str(tiny), "--output", str(run)])
+    assert "--stages decoder" in capsys.readouterr().out
+    for s in ("autoencoder", "diffusion", "registration"):
+        assert _max_diff(_weights(run / s / f"{s}.safetensors"), _weights(tiny_run / s / f"{s}.safetensors")) == 0
+        done, trained = (json.loads((d / s / "done.json").read_text()) for d in (run, tiny_run))
+        assert done["hash"] == trained["hash"] and done["seconds"] == pytest.approx(trained["seconds"])
+        assert done["unpacked_from"] == str(tiny_bundle)
+    before = {s: (run / s / "done.json").read_text() for s in ("autoencoder", "diffusion", "registration")}
+    bundle = run_pipeline(load_config(tiny, {"output": str(run)}), progress=False, only=("decoder",))
+    assert {s: (run / s / "done.json").read_text() for s in before} == before
+    meta, original = (json.loads((b / "model.json").read_text()) for b in (bundle, tiny_bundle))
+    assert meta["latent"]["scale_factor"] == pytest.approx(original["latent"]["scale_factor"])
+    for name in ("diffusion", "condition_embedding", "registration", "image_decoder"):
+        assert meta["weights"][name]["sha256"] == original["weights"][name]["sha256"]
+    assert _max_diff(_weights(bundle / "decoder.safetensors"), _weights(tiny_bundle / "decoder.safetensors")) < 1e-5
+
+
+def test_unpack_refuses_other_settings_existing_stages_and_a_bundle_without_the_autoencoder(tiny_bundle, tmp_path):
+    from diffdef.bundle import BundleError
+    from diffdef_training.cli import main
+    from diffdef_training.pipeline import unpack_bundle
+
+    tiny = ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"
+    run = tmp_path / "run"
+    other = load_config(tiny, {"output": str(run), "registration": {"smooth_weight": 2.0}})
+    with pytest.raises(ValueError, match=r"registration \(section\(s\) registration\)"):
+        unpack_bundle(tiny_bundle, other)
+    assert not run.exists()  # nothing written
+    unpack_bundle(tiny_bundle, other, ("autoencoder", "diffusion"))  # the stages that agree
+    with pytest.raises(FileExistsError, match="already exist"):
+        unpack_bundle(tiny_bundle, load_config(tiny, {"output": str(run)}))
+    assert not (run / "registration").exists()
+    with pytest.raises(ValueError, match="Cannot unpack stage 'decoder'"):
+        unpack_bundle(tiny_bundle, load_config(tiny, {"output": str(tmp_path / "b")}), ("decoder",))
+    no_autoencoder = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, no_autoencoder)
+    meta = json.loads((no_autoencoder / "model.json").read_text())
+    del meta["weights"]["image_decoder"]
+    (no_autoencoder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="no autoencoder weights"):
+        unpack_bundle(no_autoencoder, load_config(tiny, {"output": str(tmp_path / "c")}))
+    with pytest.raises(SystemExit, match="error: .*already exist"):
+        main(["unpack", str(tiny_bundle), "--config", str(tiny), "--output", str(run), "--stages", "diffusion"])
 
 
 def test_added_options_at_their_default_keep_finished_runs_current():

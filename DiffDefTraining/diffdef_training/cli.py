@@ -5,6 +5,8 @@ Examples:
   diffdef-train pipeline --config my.yaml --resume                             # continue after an interruption
   torchrun --nproc_per_node 4 -m diffdef_training.cli pipeline --config my.yaml  # 4 GPUs (DDP)
   diffdef-train plot runs/shipped                                              # loss curves -> PNG
+  diffdef-train unpack DiffDefSlicer/Resources/Models/default --config DiffDefTraining/configs/shipped.yaml \
+      --output runs/mine   # the shipped model's upstream stages, then: pipeline ... --stages decoder
   diffdef-train preprocess cohort.csv --conditions age,ventricle_volume --cache cache/
   diffdef-train synthesize synth/ --subjects 100 --factor 2 --random-affine  # synthetic cohort -> NIfTI + manifest
   diffdef-train cohort-stats --subjects 500                                    # check the synthetic law
@@ -37,6 +39,17 @@ def _pipeline(a):
         print(f"bundle written to {path}")
     elif "decoder" not in only and int(os.environ.get("RANK", "0")) == 0:
         print(f"stages {', '.join(only)} done in {cfg.output} (no bundle: the decoder was not among them)")
+
+
+def _unpack(a):
+    from .config import load_config, parse_setting
+    from .pipeline import UNPACKABLE, unpack_bundle
+
+    cfg = load_config(a.config, {"output": a.output} if a.output else {}, [parse_setting(s) for s in a.set])
+    names = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else UNPACKABLE
+    for d in unpack_bundle(a.bundle, cfg, names):
+        print(f"{d.name}: written to {d} (current for this config)")
+    print(f"next: diffdef-train pipeline --config {a.config or '<config>'} --output {cfg.output} --stages decoder")
 
 
 def _plot(a):
@@ -72,6 +85,16 @@ def main(argv=None):
     s.add_argument("--stages", help="comma-separated subset of stages to train (others must be current)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     s.set_defaults(fn=_pipeline)
+    s = sub.add_parser("unpack", help="write a bundle's autoencoder, diffusion and registration networks into a run "
+                       "folder as finished stages, to train a decoder on them (--stages decoder)")
+    s.add_argument("bundle", help="model bundle folder (holds model.json), e.g. DiffDefSlicer/Resources/Models/default")
+    s.add_argument("--config", help="the config the run will use; the bundle's recorded settings must agree with it "
+                   "for every unpacked stage (defaults when omitted)")
+    s.add_argument("--output", help="run folder (overrides the config's output); existing stage folders are refused")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, as for pipeline")
+    s.add_argument("--stages", help="comma-separated subset of autoencoder,diffusion,registration (default: all three)")
+    s.set_defaults(fn=_unpack)
     s = sub.add_parser("plot", help="plot a run's loss curves (log.csv of each stage) to PNG")
     s.add_argument("run", help="run folder (the config's output)")
     s.add_argument("--output", help="PNG folder (default: the run folder)")
@@ -98,7 +121,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -161,6 +161,87 @@ def check_resumable(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
                 check_checkpoint(latest, name, builders[name](), cfg.stage(name))
 
 
+def stage_builders(cfg: TrainConfig) -> dict:
+    """Per stage, a function that builds its untrained network from the config."""
+    arch, k = cfg.architecture, len(cfg.cohort.conditions)
+    return {"autoencoder": lambda: stages.build_autoencoder(arch["autoencoder"]),
+            "diffusion": lambda: stages.ConditionalDiffusion(arch, k),
+            "registration": lambda: stages.build_registration(cfg),
+            "decoder": lambda: stages.build_decoder(cfg)}
+
+
+def stage_current(cfg: TrainConfig, out: Path, name: str) -> bool:
+    """Whether ``out/name`` holds the stage's weights and a ``done.json`` recording the config's hash for it."""
+    d = out / name
+    marker, weights = d / "done.json", d / f"{name}.safetensors"
+    key = cfg.hash("architecture", *_DEPENDS[name])
+    return marker.exists() and json.loads(marker.read_text()).get("hash") == key and weights.exists()
+
+
+def _finish_stage(cfg: TrainConfig, d: Path, name: str, net: torch.nn.Module, record: dict) -> None:
+    """Write a finished stage: its weights, then ``done.json`` (the config's hash for the stage + ``record``)."""
+    d.mkdir(parents=True, exist_ok=True)
+    _save_state(d / f"{name}.safetensors", net)
+    with atomic_path(d / "done.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"hash": cfg.hash("architecture", *_DEPENDS[name]), **record}))
+
+
+UNPACKABLE = ("autoencoder", "diffusion", "registration")
+
+
+def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]:
+    """Write the stages ``names`` (of autoencoder, diffusion, registration) of an exported bundle into the run
+    folder ``cfg.output`` as finished stages, so that ``--stages decoder`` trains a deformation decoder on a
+    shipped model's networks without retraining them (``scripts/sweep.sh`` with a bundle as UPSTREAM).
+
+    The bundle's recorded configuration must give the same hash as ``cfg`` for every section each stage depends
+    on (the same cohort, seed, architecture and stage settings); stage folders that already exist are refused,
+    and nothing is written unless every check passes. Each ``done.json`` keeps the bundle's recorded training
+    time and machine, so a bundle exported from the run still reports how its stages were trained."""
+    from diffdef.bundle import BundleError, load_bundle
+
+    from .config import ConfigError, from_dict
+
+    bad = [n for n in names if n not in UNPACKABLE]
+    if bad or not names:
+        raise ValueError(f"Cannot unpack stage {(bad or [names])[0]!r}: a bundle holds the stages "
+                         f"{', '.join(UNPACKABLE)} (the decoder is what a run trains on them).")
+    bundle = load_bundle(bundle_path)
+    if "image_decoder" not in bundle.nets:
+        raise BundleError(f"{bundle_path} has no autoencoder weights (image_decoder.safetensors): it cannot "
+                          "give the autoencoder stage. Use a bundle exported by diffdef-train pipeline.")
+    provenance = bundle.meta["provenance"]
+    try:
+        recorded = from_dict(provenance["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise BundleError(f"{bundle_path}/model.json does not record a training configuration this version can "
+                          f"read ({exc}); retrain the upstream stages instead.") from exc
+    differ = {n: [s for s in ("architecture", *_DEPENDS[n]) if recorded.hash(s) != cfg.hash(s)] for n in names}
+    differ = {n: sections for n, sections in differ.items() if sections}
+    if differ:
+        raise ValueError("The bundle was trained with other settings than the config for stage(s) "
+                         + "; ".join(f"{n} (section(s) {', '.join(s)})" for n, s in differ.items())
+                         + ". Unpack only the stages that agree (--stages), or train the others.")
+    out = Path(cfg.output)
+    existing = [str(out / n) for n in names if (out / n).exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); nothing was written. Choose a new run "
+                              "folder or remove them.")
+    builders = stage_builders(cfg)
+    diffusion = builders["diffusion"]()
+    diffusion.unet.load_state_dict(bundle.nets["diffusion"].state_dict())
+    diffusion.embedding.load_state_dict(bundle.nets["condition_embedding"].state_dict())
+    nets = {"autoencoder": bundle.nets["image_decoder"], "diffusion": diffusion,
+            "registration": builders["registration"]()}
+    nets["registration"].load_state_dict(bundle.nets["registration"].state_dict())
+    for n in names:
+        _finish_stage(cfg, out / n, n, nets[n], {
+            "seconds": provenance.get("stage_seconds", {}).get(n),
+            "machine": provenance.get("stage_machines", {}).get(n, "not recorded"),
+            "losses": provenance.get("final_losses", {}).get(n, {}), "unpacked_from": str(bundle.path)})
+    return [out / n for n in names]
+
+
 def _machine(ctx: RunContext) -> str:
     """Where this process trains: architecture, threads, GPU name or CPU, process count."""
     device = "GPU " + torch.cuda.get_device_name() if ctx.device.type == "cuda" else "CPU"
@@ -192,17 +273,10 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     t_start = time.time()
     arch = cfg.architecture
     timings = {}
-    k = len(cfg.cohort.conditions)
-    builders = {"autoencoder": lambda: stages.build_autoencoder(arch["autoencoder"]),
-                "diffusion": lambda: stages.ConditionalDiffusion(arch, k),
-                "registration": lambda: stages.build_registration(cfg),
-                "decoder": lambda: stages.build_decoder(cfg)}
+    builders = stage_builders(cfg)
 
     def current(name):
-        d = out / name
-        marker, weights = d / "done.json", d / f"{name}.safetensors"
-        key = cfg.hash("architecture", *_DEPENDS[name])
-        return marker.exists() and json.loads(marker.read_text()).get("hash") == key and weights.exists()
+        return stage_current(cfg, out, name)
 
     # everything that can be refused is refused here, before the cohort is loaded and any step is taken
     stale = [s for s in needed if s not in only and not current(s)]
@@ -214,20 +288,16 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
 
     def stage(name, train_fn):
         d = out / name
-        marker, weights = d / "done.json", d / f"{name}.safetensors"
-        key = cfg.hash("architecture", *_DEPENDS[name])
         if current(name):
-            return _load_state(weights, builders[name]())
+            return _load_state(d / f"{name}.safetensors", builders[name]())
         # each stage starts from its own seed: its initial weights do not depend on which stages ran before
         torch.manual_seed(cfg.seed * 1009 + STAGES.index(name))
         t = time.time()
         net = train_fn(d)
         timings[name] = time.time() - t
         if ctx.is_main:
-            _save_state(weights, net)
-            with atomic_path(marker, overwrite=True) as tmp:
-                tmp.write_text(json.dumps({"hash": key, "seconds": timings[name], "machine": _machine(ctx),
-                                           "losses": _last_losses(d)}))
+            _finish_stage(cfg, d, name, net, {"seconds": timings[name], "machine": _machine(ctx),
+                                              "losses": _last_losses(d)})
         return net
 
     def finished(name):  # a subset run ends after its last stage, without export
