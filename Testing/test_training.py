@@ -845,6 +845,8 @@ def test_unpack_refuses_other_settings_existing_stages_and_a_bundle_without_the_
     (no_autoencoder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="no autoencoder weights"):
         unpack_bundle(no_autoencoder, load_config(tiny, {"output": str(tmp_path / "c")}))
+    assert not (tmp_path / "c").exists()
+    unpack_bundle(no_autoencoder, load_config(tiny, {"output": str(tmp_path / "c")}), ("registration",))
     with pytest.raises(SystemExit, match="error: .*already exist"):
         main(["unpack", str(tiny_bundle), "--config", str(tiny), "--output", str(run), "--stages", "diffusion"])
 

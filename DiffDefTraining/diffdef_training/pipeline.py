@@ -207,7 +207,7 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
         raise ValueError(f"Cannot unpack stage {(bad or [names])[0]!r}: a bundle holds the stages "
                          f"{', '.join(UNPACKABLE)} (the decoder is what a run trains on them).")
     bundle = load_bundle(bundle_path)
-    if "image_decoder" not in bundle.nets:
+    if "autoencoder" in names and "image_decoder" not in bundle.nets:
         raise BundleError(f"{bundle_path} has no autoencoder weights (image_decoder.safetensors): it cannot "
                           "give the autoencoder stage. Use a bundle exported by diffdef-train pipeline.")
     provenance = bundle.meta["provenance"]
@@ -228,14 +228,13 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
         raise FileExistsError(f"{', '.join(existing)} already exist(s); nothing was written. Choose a new run "
                               "folder or remove them.")
     builders = stage_builders(cfg)
-    diffusion = builders["diffusion"]()
-    diffusion.unet.load_state_dict(bundle.nets["diffusion"].state_dict())
-    diffusion.embedding.load_state_dict(bundle.nets["condition_embedding"].state_dict())
-    nets = {"autoencoder": bundle.nets["image_decoder"], "diffusion": diffusion,
-            "registration": builders["registration"]()}
-    nets["registration"].load_state_dict(bundle.nets["registration"].state_dict())
+    parts = {"autoencoder": {"": "image_decoder"}, "diffusion": {"unet.": "diffusion", "embedding.": "condition_embedding"},
+             "registration": {"": "registration"}}  # stage network's state-dict prefix -> the bundle's network
     for n in names:
-        _finish_stage(cfg, out / n, n, nets[n], {
+        net = builders[n]()  # the bundle's networks were checked against its architecture, the same as the config's
+        net.load_state_dict({prefix + k: v for prefix, part in parts[n].items()
+                             for k, v in bundle.nets[part].state_dict().items()})
+        _finish_stage(cfg, out / n, n, net, {
             "seconds": provenance.get("stage_seconds", {}).get(n),
             "machine": provenance.get("stage_machines", {}).get(n, "not recorded"),
             "losses": provenance.get("final_losses", {}).get(n, {}), "unpacked_from": str(bundle.path)})
