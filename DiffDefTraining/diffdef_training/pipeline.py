@@ -170,12 +170,15 @@ def stage_builders(cfg: TrainConfig) -> dict:
             "decoder": lambda: stages.build_decoder(cfg)}
 
 
+def stage_hash(cfg: TrainConfig, name: str) -> str:
+    """The hash of the config sections stage ``name``'s result depends on (recorded in its ``done.json``)."""
+    return cfg.hash("architecture", *_DEPENDS[name])
+
+
 def stage_current(cfg: TrainConfig, out: Path, name: str) -> bool:
     """Whether ``out/name`` holds the stage's weights and a ``done.json`` recording the config's hash for it."""
-    d = out / name
-    marker, weights = d / "done.json", d / f"{name}.safetensors"
-    key = cfg.hash("architecture", *_DEPENDS[name])
-    return marker.exists() and json.loads(marker.read_text()).get("hash") == key and weights.exists()
+    marker, weights = out / name / "done.json", out / name / f"{name}.safetensors"
+    return marker.exists() and json.loads(marker.read_text()).get("hash") == stage_hash(cfg, name) and weights.exists()
 
 
 def _finish_stage(cfg: TrainConfig, d: Path, name: str, net: torch.nn.Module, record: dict) -> None:
@@ -183,10 +186,14 @@ def _finish_stage(cfg: TrainConfig, d: Path, name: str, net: torch.nn.Module, re
     d.mkdir(parents=True, exist_ok=True)
     _save_state(d / f"{name}.safetensors", net)
     with atomic_path(d / "done.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"hash": cfg.hash("architecture", *_DEPENDS[name]), **record}))
+        tmp.write_text(json.dumps({"hash": stage_hash(cfg, name), **record}))
 
 
-UNPACKABLE = ("autoencoder", "diffusion", "registration")
+# the stages a bundle holds: per stage, its network's state-dict prefix -> the bundle network under that prefix
+BUNDLED_STAGES = {"autoencoder": {"": "image_decoder"},
+                  "diffusion": {"unet.": "diffusion", "embedding.": "condition_embedding"},
+                  "registration": {"": "registration"}}
+UNPACKABLE = tuple(BUNDLED_STAGES)
 
 
 def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]:
@@ -206,7 +213,7 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
     if bad or not names:
         raise ValueError(f"Cannot unpack stage {(bad or [names])[0]!r}: a bundle holds the stages "
                          f"{', '.join(UNPACKABLE)} (the decoder is what a run trains on them).")
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, [part for n in names for part in BUNDLED_STAGES[n].values()])
     if "autoencoder" in names and "image_decoder" not in bundle.nets:
         raise BundleError(f"{bundle_path} has no autoencoder weights (image_decoder.safetensors): it cannot "
                           "give the autoencoder stage. Use a bundle exported by diffdef-train pipeline.")
@@ -228,11 +235,9 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
         raise FileExistsError(f"{', '.join(existing)} already exist(s); nothing was written. Choose a new run "
                               "folder or remove them.")
     builders = stage_builders(cfg)
-    parts = {"autoencoder": {"": "image_decoder"}, "diffusion": {"unet.": "diffusion", "embedding.": "condition_embedding"},
-             "registration": {"": "registration"}}  # stage network's state-dict prefix -> the bundle's network
     for n in names:
         net = builders[n]()  # the bundle's networks were checked against its architecture, the same as the config's
-        net.load_state_dict({prefix + k: v for prefix, part in parts[n].items()
+        net.load_state_dict({prefix + k: v for prefix, part in BUNDLED_STAGES[n].items()
                              for k, v in bundle.nets[part].state_dict().items()})
         _finish_stage(cfg, out / n, n, net, {
             "seconds": provenance.get("stage_seconds", {}).get(n),

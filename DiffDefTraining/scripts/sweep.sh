@@ -7,8 +7,9 @@
 # stage before it) of $CONFIG (default shipped.yaml) with the overrides, on the other stages of $UPSTREAM
 # (a run folder, or a bundle, whose networks `diffdef-train unpack` turns into finished stages; default the
 # shipped bundle DiffDefSlicer/Resources/Models/default; they must be current for the config), into
-# $SWEEP_DIR/NAME (default runs/sweep), then scores its bundle against the synthetic law's truth on validation conditions ($VALIDATION, AGE:VOLUME pairs
-# inside the training range that the evaluation grid does not use; seeds 0,1): $SWEEP_DIR/NAME/val/evaluation.md.
+# $SWEEP_DIR/NAME (default runs/sweep), then scores its bundle against the synthetic law's truth on validation
+# conditions ($VALIDATION, AGE:VOLUME pairs inside the training range that the evaluation grid does not use;
+# seeds 0,1): $SWEEP_DIR/NAME/val/evaluation.md.
 # With no override it reproduces the config's own stages (the control: compare within one machine).
 # A decoder takes about 33 min on a 2-core CPU and about 1 min on one H200 GPU (fp32); the registration network
 # about 1 s per step on the CPU; the scoring about 2 min.
