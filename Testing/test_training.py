@@ -21,7 +21,7 @@ from diffdef import fields
 
 from diffdef_training import stages
 from diffdef_training.config import ConfigError, load_config
-from diffdef_training.engine import CheckpointError, RunContext
+from diffdef_training.engine import CheckpointError, RunContext, sample_generator
 from diffdef_training.pipeline import prepared_cohort, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -458,6 +458,42 @@ class _BiasedRegistration(torch.nn.Module):
         true = torch.zeros(len(fixed), 3, *fixed.shape[2:])
         true[:, 0] = 0.05 * (fixed - moving)[:, 0]
         return true + self.bias
+
+
+def _pair_kinds(cohort, registration: dict, draws: int = 400) -> list[str]:
+    """The kind of each of ``draws`` registration pairs: template -> subject, subject -> template, subject -> subject."""
+    scfg = load_config(None, {**SMALL, "registration": registration}).registration
+    idx = [k % len(cohort) for k in range(draws)]  # each subject several times: only the draws differ
+    gens = [sample_generator(0, 0, k) for k in range(draws)]
+    moving, moving_lab, fixed, fixed_lab = stages.registration_pairs(cohort, scfg, idx, gens)
+    template = cohort.template_t1[0]
+    kinds = []
+    for k, i in enumerate(idx):
+        is_template = torch.equal(moving[k], template), torch.equal(fixed[k], template)
+        kinds.append({(True, False): "t->s", (False, True): "s->t", (False, False): "s->s"}[is_template])
+        assert torch.equal(fixed_lab[k], cohort.template_fractions[0] if is_template[1] else cohort.labels[i])
+        assert torch.equal(fixed[k] if kinds[-1] != "s->t" else moving[k], cohort.images[i])  # subject i takes part
+    return kinds
+
+
+def test_registration_pairs_follow_template_moving_and_template_fixed(small_cohort):
+    """``registration.template_fixed`` turns that share of the pairs into subject -> template (the direction the
+    symmetric centrality runs, atlas <- subject); at its default 0 the draws are those of the shipped network's
+    training (template -> subject, else another subject -> subject)."""
+    shipped = _pair_kinds(small_cohort, {"template_moving": 0.5})
+    assert set(shipped) == {"t->s", "s->s"} and abs(shipped.count("t->s") / len(shipped) - 0.5) < 0.1
+    both = _pair_kinds(small_cohort, {"template_moving": 0.5, "template_fixed": 0.25})
+    shares = {kind: both.count(kind) / len(both) for kind in ("t->s", "s->t", "s->s")}
+    assert abs(shares["t->s"] - 0.5) < 0.1 and abs(shares["s->t"] - 0.25) < 0.1 and abs(shares["s->s"] - 0.25) < 0.1
+    # the same generators give the same first choice: template -> subject pairs stay where they were
+    assert [k == "t->s" for k in both] == [k == "t->s" for k in shipped]
+    assert _pair_kinds(small_cohort, {"template_moving": 0.0, "template_fixed": 1.0}) == ["s->t"] * 400
+
+
+@pytest.mark.parametrize("moving, fixed", [(0.8, 0.3), (0.5, -0.1), (0.5, float("nan"))])
+def test_config_refuses_template_shares_over_one(moving, fixed):
+    with pytest.raises(ConfigError, match="template_moving and registration.template_fixed"):
+        load_config(None, {"registration": {"template_moving": moving, "template_fixed": fixed}})
 
 
 def test_symmetric_centrality_cancels_a_direction_independent_bias(small_cohort):

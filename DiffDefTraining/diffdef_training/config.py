@@ -68,6 +68,7 @@ class RegistrationConfig(StageConfig):
     smooth_weight: float = 1.0  # diffusion regulariser weight on the velocity
     dice_weight: float = 0.5  # Dice term weight (when labels exist)
     template_moving: float = 0.5  # probability that the moving image is the template
+    template_fixed: float = field(default=0.0, metadata=ADDED)  # probability that the fixed image is the template (a subject moving): the direction the symmetric centrality also runs, atlas <- subject; the rest of the pairs are subject -> subject
     antisymmetric: bool = field(default=False, metadata=ADDED)  # velocity (f(m, x) - f(x, m)) / 2: an image registered to itself gives 0, no pair-independent field for the MP loss to cancel (twice the compute); recorded in the bundle's architecture
 
 
@@ -288,6 +289,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if not (0 <= d.bank_mixing <= 1 and 0 <= d.bank_uniform <= 1 and d.bank_mixing + d.bank_uniform <= 1):
         raise ConfigError(f"decoder.bank_mixing and decoder.bank_uniform must each be in [0, 1] and add up to at most 1, "
                           f"got {d.bank_mixing} and {d.bank_uniform}.")
+    r = cfg.registration
+    if not (0 <= r.template_moving <= 1 and 0 <= r.template_fixed <= 1 and r.template_moving + r.template_fixed <= 1):
+        raise ConfigError(f"registration.template_moving and registration.template_fixed must each be in [0, 1] and add "
+                          f"up to at most 1, got {r.template_moving} and {r.template_fixed}.")
     for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma", "neighbourhood_shape_weight"):
         if not getattr(cfg.decoder, key) >= 0:  # also refuses NaN
             raise ConfigError(f"decoder.{key} must be >= 0, got {getattr(cfg.decoder, key)}.")

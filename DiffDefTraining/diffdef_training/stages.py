@@ -147,27 +147,42 @@ def build_registration(cfg: TrainConfig) -> RegistrationNet:
     return RegistrationNet(**registration_architecture(cfg))
 
 
+def registration_pairs(cohort: CohortTensors, scfg, idx, gens) -> tuple:
+    """One registration batch for training subjects ``idx``: moving images, their label maps, fixed images, theirs
+    (working grid, batch first; the label maps None without cohort labels). Each pair is template -> subject
+    (probability ``scfg.template_moving``), subject -> template (``scfg.template_fixed``) or another subject ->
+    subject, drawn with that subject's generator in ``gens``."""
+    def subject(i):
+        return cohort.images[i], (cohort.labels[i] if cohort.labels is not None else None)
+
+    template = (cohort.template_t1[0], cohort.template_fractions[0])
+    pairs = []
+    for i, g in zip(idx, gens):
+        pick = float(torch.rand(1, generator=g))
+        if pick < scfg.template_moving:
+            pairs.append((template, subject(i)))
+        elif pick < scfg.template_moving + scfg.template_fixed:
+            pairs.append((subject(i), template))
+        else:
+            pairs.append((subject(int(torch.randint(0, len(cohort), (1,), generator=g))), subject(i)))
+    moving_side, fixed_side = zip(*pairs)
+    moving, moving_lab = zip(*moving_side)
+    fixed, fixed_lab = zip(*fixed_side)
+    stack = torch.stack if cohort.labels is not None else (lambda maps: None)
+    return torch.stack(moving), stack(moving_lab), torch.stack(fixed), stack(fixed_lab)
+
+
 def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, resume=False, **kw) -> nn.Module:
     scfg = cfg.registration
     net = build_registration(cfg)
     lncc, smooth, dice = registration_losses(scfg.lncc_kernel)
     data = StepData(cohort, scfg.batch_size, ctx, cfg.seed + 2)
-    n = len(cohort)
 
     def loss_fn(m, step, micro):
         idx = data.indices(step * scfg.accumulate + micro)
         gens = [sample_generator(cfg.seed + 2, step * scfg.accumulate + micro, i) for i in idx]
-        moving, moving_lab = [], []
-        for g in gens:  # moving: the template or another subject
-            if float(torch.rand(1, generator=g)) < scfg.template_moving:
-                moving.append(cohort.template_t1[0])
-                moving_lab.append(cohort.template_fractions[0])
-            else:
-                j = int(torch.randint(0, n, (1,), generator=g))
-                moving.append(cohort.images[j])
-                moving_lab.append(cohort.labels[j] if cohort.labels is not None else None)
-        mov = torch.stack(moving).to(ctx.device)
-        fix = cohort.images[idx].to(ctx.device)
+        moving, moving_lab, fixed, fixed_lab = registration_pairs(cohort, scfg, idx, gens)
+        mov, fix = moving.to(ctx.device), fixed.to(ctx.device)
         velocity = m(mov, fix)
         disp = fields.integrate_velocity(velocity.float())
         warped = fields.warp_image(mov, disp)
@@ -176,8 +191,7 @@ def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors,
         loss = sim + scfg.smooth_weight * reg
         logs = {"lncc": sim.item(), "smooth": reg.item()}
         if cohort.labels is not None and scfg.dice_weight > 0:
-            mov_lab = torch.stack(moving_lab).to(ctx.device)
-            d = dice(fields.warp_probabilities(mov_lab, disp), cohort.labels[idx].to(ctx.device))
+            d = dice(fields.warp_probabilities(moving_lab.to(ctx.device), disp), fixed_lab.to(ctx.device))
             loss = loss + scfg.dice_weight * d
             logs["dice_loss"] = d.item()
         return loss, logs
