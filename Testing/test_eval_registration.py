@@ -48,7 +48,7 @@ def test_centrality_bias_smoke(tiny_bundle, tmp_path, capsys):
 
 def test_centrality_bias_regions_split_the_brain(tiny_bundle):
     """The near-LV and elsewhere parts partition the brain: their mean squared biases, weighted by their voxel
-    shares, give the whole brain's."""
+    shares, give the whole brain's, and the whole brain's recovered fractions lie between the parts'."""
     from diffdef_training.centrality_bias import measure
 
     for row in measure(tiny_bundle, [(60.0, None), (70.0, 45.0)], neighbours=4, pool=6, progress=False):
@@ -57,6 +57,9 @@ def test_centrality_bias_regions_split_the_brain(tiny_bundle):
         for bias in ("bias forward", "bias symmetric"):
             whole = f * row[f"{bias}, near LV"] ** 2 + (1 - f) * row[f"{bias}, elsewhere"] ** 2
             assert math.isclose(whole, row[bias] ** 2, rel_tol=1e-4)
+        for recovered in ("recovered", "recovered symmetric"):  # ratios over the same |t|^2: the whole lies between
+            parts = row[f"{recovered}, near LV"], row[f"{recovered}, elsewhere"]
+            assert min(parts) - 1e-6 <= row[recovered] <= max(parts) + 1e-6
 
 
 def test_centrality_bias_refuses_bad_conditions(tmp_path, capsys):

@@ -18,7 +18,10 @@ over the template's brain of these means over n:
   displacement the network recovers (displacement inside uniform tissue is invisible to any image registration);
 * the two biases and ``recovered`` again in two parts of the brain: ``near LV``, within 2 working-grid voxels
   of the true atlas' lateral ventricles, and ``elsewhere``. The atlas error the decoder learns is about bias /
-  recovered in each part, so a network can move GM/WM closer to the truth and the ventricles away from it.
+  recovered in each part, so a network can move GM/WM closer to the truth and the ventricles away from it;
+* ``recovered symmetric`` in the two parts: <(u - w) / 2, t - t_a> / |t - t_a|^2, the fraction the symmetric
+  estimate recovers (less than ``recovered`` where the network registers a subject to an atlas less well than an
+  atlas to a subject).
 
 ``--sigmas 0.3,0.45,0.6`` measures instead, without the network, the other half of the error: where a *perfect*
 registration would put the centrality's zero, for each ``sigma`` given (:func:`target_error`). That is the mean
@@ -50,7 +53,7 @@ from .synthetic import VENTRICLES, SyntheticCohort, default_law, median_ventricl
 POOL_OFFSET = 400  # the held-out subjects of the shipped cohort (training uses indices 0..399)
 COLUMNS = ("forward", "symmetric", "law", "bias forward", "bias symmetric", "recovered",
            "bias forward, near LV", "bias forward, elsewhere", "bias symmetric, near LV", "bias symmetric, elsewhere",
-           "recovered, near LV", "recovered, elsewhere")
+           "recovered, near LV", "recovered, elsewhere", "recovered symmetric, near LV", "recovered symmetric, elsewhere")
 NEAR_LV_VOXELS = 2  # dilation of the true ventricles (working-grid voxels) that defines "near LV"
 
 
@@ -118,7 +121,7 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
         near = torch.nn.functional.max_pool3d((true_atlas["labels"] == VENTRICLES).float(), k, 1, k // 2) * mask
         regions = {"": mask, ", near LV": near, ", elsewhere": mask - near}
         fw = bw = rel = 0.0
-        dot, norm = dict.fromkeys(regions, 0.0), dict.fromkeys(regions, 0.0)
+        dot, dot_sym, norm = dict.fromkeys(regions, 0.0), dict.fromkeys(regions, 0.0), dict.fromkeys(regions, 0.0)
         for chunk in tqdm(idx.split(20), desc=f"{age:g} y, {volume:.1f} ml", disable=not progress):
             atlases = atlas.expand(len(chunk), -1, -1, -1, -1)
             u = fields.integrate_velocity(net(atlases, images[chunk]).float()) * spacing
@@ -126,8 +129,10 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
             t = torch.cat([law.subject_displacement(seed, POOL_OFFSET + int(i), grid) for i in chunk]) * spacing - truth * spacing
             fw, bw, rel = fw + u.sum(0, keepdim=True), bw + v.sum(0, keepdim=True), rel + t.sum(0, keepdim=True)
             ut, tt = (u * t).sum((0, 1), keepdim=True), t.pow(2).sum((0, 1), keepdim=True)  # per voxel, once
+            st = ((u - v) / 2 * t).sum((0, 1), keepdim=True)
             for r, region in regions.items():
                 dot[r] += float((ut * region).sum())
+                dot_sym[r] += float((st * region).sum())
                 norm[r] += float((tt * region).sum())
         fw, bw, rel = fw / neighbours, bw / neighbours, rel / neighbours
         row = {"age": age, "ventricle_volume": volume, "forward": _rms(fw, mask),
@@ -135,6 +140,7 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
         for r, region in regions.items():
             row["bias forward" + r], row["bias symmetric" + r] = _rms(fw - rel, region), _rms((fw - bw) / 2 - rel, region)
             row["recovered" + r] = dot[r] / norm[r]
+            row["recovered symmetric" + r] = dot_sym[r] / norm[r]
         rows.append(row)
     return rows
 
