@@ -465,14 +465,15 @@ def _pair_kinds(cohort, registration: dict, draws: int = 400) -> list[str]:
     scfg = load_config(None, {**SMALL, "registration": registration}).registration
     idx = [k % len(cohort) for k in range(draws)]  # each subject several times: only the draws differ
     gens = [sample_generator(0, 0, k) for k in range(draws)]
-    moving, moving_lab, fixed, fixed_lab = stages.registration_pairs(cohort, scfg, idx, gens)
+    batch = stages.registration_pairs(cohort, scfg, idx, gens)
+    assert batch.known is None and batch.is_known is None  # no known warps asked
     template = cohort.template_t1[0]
     kinds = []
     for k, i in enumerate(idx):
-        is_template = torch.equal(moving[k], template), torch.equal(fixed[k], template)
+        is_template = torch.equal(batch.moving[k], template), torch.equal(batch.fixed[k], template)
         kinds.append({(True, False): "t->s", (False, True): "s->t", (False, False): "s->s"}[is_template])
-        assert torch.equal(fixed_lab[k], cohort.template_fractions[0] if is_template[1] else cohort.labels[i])
-        assert torch.equal(fixed[k] if kinds[-1] != "s->t" else moving[k], cohort.images[i])  # subject i takes part
+        assert torch.equal(batch.fixed_labels[k], cohort.template_fractions[0] if is_template[1] else cohort.labels[i])
+        assert torch.equal(batch.fixed[k] if kinds[-1] != "s->t" else batch.moving[k], cohort.images[i])  # subject i
     return kinds
 
 
@@ -488,6 +489,43 @@ def test_registration_pairs_follow_template_moving_and_template_fixed(small_coho
     # the same generators give the same first choice: template -> subject pairs stay where they were
     assert [k == "t->s" for k in both] == [k == "t->s" for k in shipped]
     assert _pair_kinds(small_cohort, {"template_moving": 0.0, "template_fixed": 1.0}) == ["s->t"] * 400
+
+
+def test_known_warp_pairs_warp_the_moving_image_by_the_field_they_carry(small_cohort, tmp_path):
+    """``registration.warp_pairs``: that share of the pairs registers an image to itself warped by a random smooth
+    field of the asked size; the field travels with the batch, and training logs the network's error on it."""
+    settings = {"template_moving": 0.5, "warp_pairs": 0.5, "warp_rms_mm": 3.0, "warp_sigma_mm": 16.0}
+    scfg = load_config(None, {**SMALL, "registration": settings}).registration
+    idx = [k % len(small_cohort) for k in range(40)]
+    batch = stages.registration_pairs(small_cohort, scfg, idx, [sample_generator(0, 0, k) for k in range(40)])
+    assert 0.3 < batch.is_known.float().mean() < 0.7
+    spacing = float(small_cohort.grid.spacing[0])
+    for k in range(40):
+        if batch.is_known[k]:
+            disp = batch.known[k:k + 1]
+            assert torch.allclose(batch.fixed[k:k + 1], fields.warp_image(batch.moving[k:k + 1], disp))
+            assert torch.allclose(batch.fixed_labels[k:k + 1], fields.warp_probabilities(batch.moving_labels[k:k + 1], disp))
+            rms_mm = float(disp.pow(2).sum(1).mean().sqrt()) * spacing
+            assert 1.5 < rms_mm < 4.5  # the velocity's 3 mm RMS, integrated
+        else:
+            assert torch.equal(batch.known[k], torch.zeros_like(batch.known[k]))
+            assert torch.equal(batch.fixed[k], small_cohort.images[idx[k]])  # the pair's own subject
+    # the first draw is kept: the template moves in the same pairs as without known warps
+    plain = stages.registration_pairs(small_cohort, load_config(None, SMALL).registration, idx,
+                                      [sample_generator(0, 0, k) for k in range(40)])
+    template = small_cohort.template_t1[0]
+    assert [torch.equal(m, template) for m in batch.moving] == [torch.equal(m, template) for m in plain.moving]
+    cfg = load_config(None, {**SMALL, "registration": {**SMALL["registration"], **settings}})
+    _train("registration", cfg, small_cohort, tmp_path / "warp", seed=0)
+    logged = [float(r["known_warp_mse_mm2"]) for r in csv.DictReader(open(tmp_path / "warp" / "log.csv"))]
+    assert len(logged) == 4 and any(math.isfinite(v) and v > 0 for v in logged)
+
+
+@pytest.mark.parametrize("settings", [{"warp_pairs": 1.5}, {"warp_pairs": float("nan")}, {"warp_sigma_mm": 0},
+                                      {"warp_rms_mm": -1}, {"warp_weight": -1}])
+def test_config_refuses_bad_known_warp_settings(settings):
+    with pytest.raises(ConfigError, match="registration.warp_pairs must be in"):
+        load_config(None, {"registration": settings})
 
 
 @pytest.mark.parametrize("moving, fixed", [(0.8, 0.3), (0.5, -0.1), (0.5, float("nan"))])

@@ -69,6 +69,10 @@ class RegistrationConfig(StageConfig):
     dice_weight: float = 0.5  # Dice term weight (when labels exist)
     template_moving: float = 0.5  # probability that the moving image is the template
     template_fixed: float = field(default=0.0, metadata=ADDED)  # probability that the fixed image is the template (a subject moving): the direction the symmetric centrality also runs, atlas <- subject; the rest of the pairs are subject -> subject
+    warp_pairs: float = field(default=0.0, metadata=ADDED)  # probability that a pair's fixed image is its moving image warped by a random smooth field (known-warp self-supervision, usable on any cohort); the network's displacement is then also pulled to that field
+    warp_weight: float = field(default=1.0, metadata=ADDED)  # weight of the known-warp term, per mm^2 of mean squared displacement error
+    warp_sigma_mm: float = field(default=12.0, metadata=ADDED)  # Gaussian smoothing (mm) of the random velocity's white noise
+    warp_rms_mm: float = field(default=2.0, metadata=ADDED)  # RMS (mm) of the random velocity's norm over the grid
     antisymmetric: bool = field(default=False, metadata=ADDED)  # velocity (f(m, x) - f(x, m)) / 2: an image registered to itself gives 0, no pair-independent field for the MP loss to cancel (twice the compute); recorded in the bundle's architecture
 
 
@@ -293,6 +297,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if not (0 <= r.template_moving <= 1 and 0 <= r.template_fixed <= 1 and r.template_moving + r.template_fixed <= 1):
         raise ConfigError(f"registration.template_moving and registration.template_fixed must each be in [0, 1] and add "
                           f"up to at most 1, got {r.template_moving} and {r.template_fixed}.")
+    if not (0 <= r.warp_pairs <= 1 and r.warp_weight >= 0 and r.warp_sigma_mm > 0 and r.warp_rms_mm >= 0):
+        raise ConfigError(f"registration.warp_pairs must be in [0, 1], registration.warp_weight and warp_rms_mm >= 0 and "
+                          f"registration.warp_sigma_mm > 0, got {r.warp_pairs}, {r.warp_weight}, {r.warp_rms_mm} and "
+                          f"{r.warp_sigma_mm}.")
     for key in ("volume_weight", "neighbourhood_volume_weight", "neighbourhood_volume_sigma", "neighbourhood_shape_weight"):
         if not getattr(cfg.decoder, key) >= 0:  # also refuses NaN
             raise ConfigError(f"decoder.{key} must be >= 0, got {getattr(cfg.decoder, key)}.")

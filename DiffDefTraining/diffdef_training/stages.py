@@ -5,6 +5,8 @@ Each stage is a function ``(cfg, ctx, cohort, stage_dir, upstream, resume) -> tr
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,29 +149,65 @@ def build_registration(cfg: TrainConfig) -> RegistrationNet:
     return RegistrationNet(**registration_architecture(cfg))
 
 
-def registration_pairs(cohort: CohortTensors, scfg, idx, gens) -> tuple:
-    """One registration batch for training subjects ``idx``: moving images, their label maps, fixed images, theirs
-    (working grid, batch first; the label maps None without cohort labels). Each pair is template -> subject
-    (probability ``scfg.template_moving``), subject -> template (``scfg.template_fixed``) or another subject ->
-    subject, drawn with that subject's generator in ``gens``."""
+class RegistrationBatch(NamedTuple):
+    """One registration batch (working grid, batch first): the label maps are None without cohort labels; ``known``
+    is the pull-back displacement (voxels) that made each known-warp pair's fixed image, ``is_known`` marks those
+    pairs (``known`` None when ``registration.warp_pairs`` is 0)."""
+    moving: torch.Tensor
+    moving_labels: torch.Tensor | None
+    fixed: torch.Tensor
+    fixed_labels: torch.Tensor | None
+    known: torch.Tensor | None
+    is_known: torch.Tensor | None
+
+
+def random_displacement(shape, spacing_mm: float, sigma_mm: float, rms_mm: float, gen) -> torch.Tensor:
+    """A random smooth diffeomorphic displacement (1, 3, *shape) in voxels: white noise smoothed by a Gaussian of
+    ``sigma_mm``, scaled to ``rms_mm`` RMS velocity norm over the grid, integrated by scaling and squaring."""
+    from monai.networks.layers import GaussianFilter
+
+    v = GaussianFilter(3, sigma_mm / spacing_mm)(torch.randn((1, 3, *shape), generator=gen))
+    v = v * (rms_mm / spacing_mm) / v.pow(2).sum(1).mean().sqrt()
+    return fields.integrate_velocity(v)
+
+
+def registration_pairs(cohort: CohortTensors, scfg, idx, gens) -> RegistrationBatch:
+    """One registration batch for training subjects ``idx``. Each pair is template -> subject (probability
+    ``scfg.template_moving``), subject -> template (``scfg.template_fixed``) or another subject -> subject, drawn
+    with that subject's generator in ``gens``; then, with probability ``scfg.warp_pairs``, its fixed image is
+    replaced by its moving image warped by :func:`random_displacement` (labels alike)."""
     def subject(i):
         return cohort.images[i], (cohort.labels[i] if cohort.labels is not None else None)
 
     template = (cohort.template_t1[0], cohort.template_fractions[0])
-    pairs = []
+    shape, spacing = tuple(cohort.images.shape[2:]), float(cohort.grid.spacing[0])
+    pairs, known = [], []
     for i, g in zip(idx, gens):
         pick = float(torch.rand(1, generator=g))
         if pick < scfg.template_moving:
-            pairs.append((template, subject(i)))
+            pair = template, subject(i)
         elif pick < scfg.template_moving + scfg.template_fixed:
-            pairs.append((subject(i), template))
+            pair = subject(i), template
         else:
-            pairs.append((subject(int(torch.randint(0, len(cohort), (1,), generator=g))), subject(i)))
+            pair = subject(int(torch.randint(0, len(cohort), (1,), generator=g))), subject(i)
+        disp = None
+        if scfg.warp_pairs > 0 and float(torch.rand(1, generator=g)) < scfg.warp_pairs:
+            image, labels = pair[0]
+            disp = random_displacement(shape, spacing, scfg.warp_sigma_mm, scfg.warp_rms_mm, g)
+            warped_labels = fields.warp_probabilities(labels[None], disp)[0] if labels is not None else None
+            pair = pair[0], (fields.warp_image(image[None], disp)[0], warped_labels)
+        known.append(disp)
+        pairs.append(pair)
     moving_side, fixed_side = zip(*pairs)
     moving, moving_lab = zip(*moving_side)
     fixed, fixed_lab = zip(*fixed_side)
     stack = torch.stack if cohort.labels is not None else (lambda maps: None)
-    return torch.stack(moving), stack(moving_lab), torch.stack(fixed), stack(fixed_lab)
+    known_disp = is_known = None
+    if scfg.warp_pairs > 0:
+        is_known = torch.tensor([d is not None for d in known])
+        known_disp = torch.cat([torch.zeros((1, 3, *shape)) if d is None else d for d in known])
+    return RegistrationBatch(torch.stack(moving), stack(moving_lab), torch.stack(fixed), stack(fixed_lab), known_disp,
+                             is_known)
 
 
 def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out, resume=False, **kw) -> nn.Module:
@@ -181,8 +219,8 @@ def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors,
     def loss_fn(m, step, micro):
         idx = data.indices(step * scfg.accumulate + micro)
         gens = [sample_generator(cfg.seed + 2, step * scfg.accumulate + micro, i) for i in idx]
-        moving, moving_lab, fixed, fixed_lab = registration_pairs(cohort, scfg, idx, gens)
-        mov, fix = moving.to(ctx.device), fixed.to(ctx.device)
+        batch = registration_pairs(cohort, scfg, idx, gens)
+        mov, fix = batch.moving.to(ctx.device), batch.fixed.to(ctx.device)
         velocity = m(mov, fix)
         disp = fields.integrate_velocity(velocity.float())
         warped = fields.warp_image(mov, disp)
@@ -191,9 +229,16 @@ def train_registration(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors,
         loss = sim + scfg.smooth_weight * reg
         logs = {"lncc": sim.item(), "smooth": reg.item()}
         if cohort.labels is not None and scfg.dice_weight > 0:
-            d = dice(fields.warp_probabilities(moving_lab.to(ctx.device), disp), fixed_lab.to(ctx.device))
+            d = dice(fields.warp_probabilities(batch.moving_labels.to(ctx.device), disp), batch.fixed_labels.to(ctx.device))
             loss = loss + scfg.dice_weight * d
             logs["dice_loss"] = d.item()
+        if batch.known is not None:  # the column is logged every step (NaN without a known-warp pair), as the CSV needs
+            logs["known_warp_mse_mm2"] = float("nan")
+            if bool(batch.is_known.any()):
+                error = (disp - batch.known.to(ctx.device)).pow(2).sum(1).mean((1, 2, 3))  # voxel^2 per pair
+                known_mse = error[batch.is_known.to(ctx.device)].mean() * float(cohort.grid.spacing[0]) ** 2
+                loss = loss + scfg.warp_weight * known_mse
+                logs["known_warp_mse_mm2"] = known_mse.item()
         return loss, logs
 
     return train("registration", net, loss_fn, scfg, ctx, out, resume, **kw)
