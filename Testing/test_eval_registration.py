@@ -62,6 +62,40 @@ def test_centrality_bias_regions_split_the_brain(tiny_bundle):
             assert min(parts) - 1e-6 <= row[recovered] <= max(parts) + 1e-6
 
 
+def test_centrality_bias_measures_a_runs_registration_network(tiny_run, tiny_bundle, tmp_path, capsys):
+    """``--registration RUN/registration`` screens a run's network on the bundle's neighbourhood: the network the
+    bundle was exported from gives the bundle's rows, another network other rows; a file of another architecture
+    is refused with the mismatch named, and nothing is written."""
+    import shutil
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from diffdef_training.centrality_bias import main, measure
+
+    kw = dict(conditions=[(60.0, None)], neighbours=4, pool=6, progress=False)
+    assert measure(tiny_bundle, **kw, registration=tiny_run / "registration") == measure(tiny_bundle, **kw)
+    state = load_file(str(tiny_run / "registration" / "registration.safetensors"))
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()},
+              str(other / "registration.safetensors"))
+    assert measure(tiny_bundle, **kw, registration=other) != measure(tiny_bundle, **kw)
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v for k, v in list(state.items())[1:]}, str(bad))
+    before = load_file(str(tiny_bundle / "registration.safetensors"))
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_bundle), "--registration", str(bad), "--neighbours", "2", "--pool", "3",
+              "--no-progress", "--out", str(tmp_path / "x.md")])
+    assert "do not match the architecture" in capsys.readouterr().err and not (tmp_path / "x.md").exists()
+    assert all(torch.equal(before[k], v) for k, v in load_file(str(tiny_bundle / "registration.safetensors")).items())
+    with pytest.raises(SystemExit):
+        main(["--registration", str(other), "--sigmas", "0.3"])
+    assert "give one of them" in capsys.readouterr().err
+    shutil.rmtree(other)
+
+
 def test_centrality_bias_refuses_bad_conditions(tmp_path, capsys):
     import pytest
 

@@ -81,12 +81,15 @@ class Bundle:
         return self
 
 
-def _load_weights(net: torch.nn.Module, file: Path, expected_sha: str, name: str) -> None:
+def load_weights(net: torch.nn.Module, file: Path, name: str, expected_sha: str | None = None) -> None:
+    """Load safetensors weights into ``net`` (no pickle), checking the checksum when one is given and that every
+    tensor matches the architecture. Raises :class:`BundleError`."""
     from safetensors.torch import load_file
 
+    file = Path(file)
     if not file.is_file():
         raise BundleError(f"Weight file {file.name} for {name!r} is missing from {file.parent}.")
-    if sha256(file) != expected_sha:
+    if expected_sha is not None and sha256(file) != expected_sha:
         raise BundleError(f"Checksum mismatch for {file.name}: the file is corrupt or was replaced. "
                           "Re-copy the bundle or re-export it from training.")
     try:
@@ -101,7 +104,7 @@ def _load_weights(net: torch.nn.Module, file: Path, expected_sha: str, name: str
         detail = "; ".join(filter(None, [
             f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
             f"wrong shape {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong else ""]))
-        raise BundleError(f"Weights in {file.name} do not match the architecture in model.json ({detail}).")
+        raise BundleError(f"Weights in {file} do not match the architecture in model.json ({detail}).")
     net.load_state_dict(state)
     net.eval()
 
@@ -144,7 +147,7 @@ def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_t
             raise BundleError(f"The bundle has no weights for {name!r}.")
         net = build_network(name, meta["architecture"], len(spec))
         entry = meta["weights"][name]
-        _load_weights(net, path / entry["file"], entry["sha256"], name)
+        load_weights(net, path / entry["file"], name, entry["sha256"])
         nets[name] = net
     return Bundle(path, meta, spec, grid, nets)
 

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from diffdef import fields
-from diffdef.bundle import load_bundle
+from diffdef.bundle import BundleError, load_bundle, load_weights
 from diffdef.io import atomic_path
 from diffdef.template import load_template
 
@@ -92,11 +92,18 @@ def _decoder_space(bundle, raw_conditions: torch.Tensor) -> NeighbourhoodSpace:
 
 @torch.no_grad()
 def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool: int = 400, seed: int = 0,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, registration=None) -> list[dict]:
     """One row per condition (keys: age, ventricle_volume, :data:`COLUMNS` in mm except the ``recovered`` ones,
-    and ``near LV fraction``, the part of the brain's voxels near the ventricles)."""
+    and ``near LV fraction``, the part of the brain's voxels near the ventricles). ``registration``: a training
+    run's registration stage folder (or its ``registration.safetensors``) to measure instead of the bundle's
+    network, with the bundle's architecture and neighbourhood: a network screened before any decoder is trained."""
     bundle = _synthetic_bundle(model, ("registration",))
-    net = bundle.nets["registration"].eval()
+    net = bundle.nets["registration"]
+    if registration is not None:
+        registration = Path(registration)
+        load_weights(net, registration / "registration.safetensors" if registration.is_dir() else registration,
+                     "registration")
+    net.eval()
     spec, grid = bundle.spec, bundle.working_grid
     factor = int(bundle.meta["working_grid"]["factor"])
     sigma = float(bundle.meta["provenance"]["sigma"])
@@ -209,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--conditions", default="50,80,65:60",
                     help="comma-separated AGE or AGE:VOLUME (years; ml, default the law's median at that age)")
     ap.add_argument("--neighbours", type=int, default=200, help="neighbours drawn per condition (with replacement; without --sigmas)")
+    ap.add_argument("--registration", default=None,
+                    help="a training run's registration stage folder (RUN/registration) to measure instead of the "
+                         "bundle's network, on the bundle's architecture and neighbourhood (without --sigmas)")
     ap.add_argument("--pool", type=int, default=400, help="held-out synthetic subjects to draw them from (without --sigmas)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic cohort seed and draw seed")
     ap.add_argument("--sigmas", default=None,
@@ -228,12 +238,18 @@ def main(argv=None) -> int:
         sigmas = [float(x) for x in a.sigmas.split(",")] if a.sigmas else None
     except ValueError:
         ap.error(f"--sigmas {a.sigmas!r}: give comma-separated numbers, e.g. 0.3,0.45")
+    if sigmas is not None and a.registration:
+        ap.error("--registration names a network to measure, --sigmas measures without one: give one of them")
     if sigmas is not None and not all(np.isfinite(s) and s > 0 for s in sigmas):
         ap.error(f"--sigmas {a.sigmas!r}: each width must be a finite number > 0")
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
     if sigmas is None:
-        text = table(measure(a.model, conditions, a.neighbours, a.pool, a.seed, progress=not a.no_progress))
+        try:
+            rows = measure(a.model, conditions, a.neighbours, a.pool, a.seed, not a.no_progress, a.registration)
+        except BundleError as exc:
+            ap.error(str(exc))
+        text = table(rows)
     else:
         text = table(target_error(a.model, conditions, sigmas, seed=a.seed, progress=not a.no_progress), TARGET_COLUMNS)
     seconds = time.perf_counter() - t
