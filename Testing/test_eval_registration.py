@@ -91,6 +91,9 @@ def test_centrality_bias_measures_a_runs_registration_network(tiny_run, tiny_bun
     assert "do not match the architecture" in capsys.readouterr().err and not (tmp_path / "x.md").exists()
     assert all(torch.equal(before[k], v) for k, v in load_file(str(tiny_bundle / "registration.safetensors")).items())
     with pytest.raises(SystemExit):
+        main(["--model", str(tiny_bundle), "--registration", str(tmp_path / "missing"), "--no-progress"])
+    assert "does not exist: give a training run's registration stage folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["--registration", str(other), "--sigmas", "0.3"])
     assert "give one of them" in capsys.readouterr().err
     shutil.rmtree(other)

@@ -101,6 +101,9 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     net = bundle.nets["registration"]
     if registration is not None:
         registration = Path(registration)
+        if not registration.exists():
+            raise BundleError(f"{registration} does not exist: give a training run's registration stage folder "
+                              "(RUN/registration, holding registration.safetensors) or that file.")
         load_weights(net, registration / "registration.safetensors" if registration.is_dir() else registration,
                      "registration")
     net.eval()
