@@ -120,13 +120,29 @@ def test_centrality_target_when_every_subject_is_drawn_does_not_depend_on_sigma(
 
     all_drawn = target_error(tiny_bundle, [(60.0, 30.0)], sigmas=(0.5, 100.0), size=4, draws=20, progress=False)
     assert [r["sigma"] for r in all_drawn] == [0.5, 100.0]
-    for c in ("target error", "age offset", "volume offset", "tissue offset %"):
+    for c in ("target error", "age offset", "volume offset", "tissue offset %") + TARGET_COLUMNS[5:]:
         assert math.isclose(all_drawn[0][c], all_drawn[1][c], rel_tol=1e-5, abs_tol=1e-6)
     assert all_drawn[1]["effective n"] > 3.99  # a very wide neighbourhood weighs all alike
     some_drawn = target_error(tiny_bundle, [(60.0, 30.0)], sigmas=(0.5, 100.0), size=12, draws=50, progress=False)
     assert some_drawn[0]["target error"] != some_drawn[1]["target error"]
     assert all(math.isfinite(r[c]) for r in some_drawn for c in TARGET_COLUMNS)
     assert some_drawn[0]["effective n"] < 11 < some_drawn[1]["effective n"]
+
+
+def test_centrality_target_dice_separates_the_skew_from_the_individual_variation(tiny_bundle):
+    """One training subject, drawn every time, asked at its own drawn conditions: the neighbourhood has no skew, so
+    its centroid's atlas and the skew-removed one are the same, and both differ from the true atlas only by that
+    subject's individual variation (Dice below 1). Asked at other conditions, the skew separates the two."""
+    from diffdef_training.centrality_bias import target_error
+    from diffdef_training.synthetic import drawn_conditions
+
+    age, volume = drawn_conditions(0, 0)
+    own, other = target_error(tiny_bundle, [(age, volume), (age + 15.0, volume * 2.5)], sigmas=(0.5,), size=1,
+                              draws=2, progress=False)
+    for label in ("GM", "WM", "LV"):
+        assert math.isclose(own[f"Dice {label}"], own[f"Dice {label}, skew removed"], abs_tol=2e-3)
+        assert 0.5 < own[f"Dice {label}"] < 0.999
+    assert other["Dice LV"] < other["Dice LV, skew removed"] - 0.05  # the skew: half the ventricles' volume
 
 
 def test_centrality_bias_refuses_bad_sigmas(tmp_path, capsys):

@@ -29,7 +29,12 @@ of the **training** subjects' law displacements, each weighted by how often the 
 (``decoder.neighbours`` without replacement, with the Gaussian weights), whose RMS distance from the true atlas's
 (mm, over the brain) mixes the neighbourhood's skew and the sampling noise of its few subjects. It prints that,
 the neighbourhood's effective size (sum w)^2 / sum w^2, and the drawn neighbours' mean offset in age (y),
-ventricle volume (ml) and the law's tissue volume B(a) (%) from the condition's.
+ventricle volume (ml) and the law's tissue volume B(a) (%) from the condition's. It also turns that zero into
+the benchmark's metric: the 1 mm Dice (GM, WM, LV) against the true atlas of the template warped by the mean
+displacement (``Dice``: the best atlas the centrality term alone could reach on this cohort), and by the true
+atlas's displacement plus the mean of the neighbours' individual parts (``Dice, skew removed``: their law
+displacement minus the one their conditions alone give; what is left when a term such as the volume term
+corrects the neighbourhood's skew, so the sampling noise of the cohort's own variation).
 """
 from __future__ import annotations
 
@@ -42,18 +47,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffdef import fields
+from diffdef import fields, metrics
 from diffdef.bundle import BundleError, load_bundle, load_weights
 from diffdef.io import atomic_path
-from diffdef.template import load_template
+from diffdef.template import GM, VENTRICLES, WM, load_template
 
 from .stages import NeighbourhoodSpace, template_brain_mask
-from .synthetic import VENTRICLES, SyntheticCohort, default_law, median_ventricle_volume
+from .synthetic import SyntheticCohort, default_law, drawn_conditions, median_ventricle_volume
 
 POOL_OFFSET = 400  # the held-out subjects of the shipped cohort (training uses indices 0..399)
 COLUMNS = ("forward", "symmetric", "law", "bias forward", "bias symmetric", "recovered",
            "bias forward, near LV", "bias forward, elsewhere", "bias symmetric, near LV", "bias symmetric, elsewhere",
            "recovered, near LV", "recovered, elsewhere", "recovered symmetric, near LV", "recovered symmetric, elsewhere")
+DICE_LABELS = (GM, WM, VENTRICLES)
 NEAR_LV_VOXELS = 2  # dilation of the true ventricles (working-grid voxels) that defines "near LV"
 
 
@@ -155,7 +161,9 @@ def measure(model=None, conditions=((50.0, None),), neighbours: int = 200, pool:
     return rows
 
 
-TARGET_COLUMNS = ("target error", "effective n", "age offset", "volume offset", "tissue offset %")
+TARGET_COLUMNS = ("target error", "effective n", "age offset", "volume offset", "tissue offset %",
+                  "Dice GM", "Dice WM", "Dice LV", "Dice GM, skew removed", "Dice WM, skew removed",
+                  "Dice LV, skew removed")
 
 
 @torch.no_grad()
@@ -177,21 +185,38 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
     subjects = SyntheticCohort(size, seed, factor)
     conds = torch.stack([subjects[i]["conditions"] for i in tqdm(range(size), desc="training subjects", disable=not progress)])
     disp = torch.cat([law.subject_displacement(seed, i, grid) for i in range(size)]) * spacing
+    # each subject's individual part: its law displacement minus the one its drawn conditions alone give
+    individual = disp - torch.cat([law.displacement(law.condition_velocity(*drawn_conditions(seed, i, law)), grid)
+                                   for i in range(size)]) * spacing
     tissue = torch.as_tensor(law.tissue_volume(conds[:, 0].double().numpy()))
     space = _decoder_space(bundle, conds)
     gen = torch.Generator().manual_seed(seed)
+    template = law.template
+
+    def dice_of(displacement_mm: torch.Tensor, truth_labels: np.ndarray) -> list[float]:
+        """1 mm Dice (GM, WM, LV) of the template warped by a working-grid displacement (mm)."""
+        d = fields.resample_displacement(displacement_mm / spacing, grid, template.grid)
+        labels = fields.warp_labels(template.labels_tensor(), d)[0, 0].numpy()
+        scores = metrics.dice(labels, truth_labels, labels=DICE_LABELS)
+        return [scores[v] for v in DICE_LABELS]
+
     rows = []
     for age, volume in conditions:
         volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
         truth = law.displacement(law.condition_velocity(age, volume), grid) * spacing
+        truth_labels = law.true_atlas(age, volume)["labels"][0, 0].numpy()
         for sigma in sigmas:
             w = space.weights(spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1), sigma)
             drawn = torch.zeros(size, dtype=torch.float64)
             for _ in range(draws):
                 drawn[torch.multinomial(w, k, replacement=False, generator=gen)] += 1
             p = drawn / drawn.sum()
-            error = torch.einsum("n,ncijk->cijk", p.float(), disp)[None] - truth
+            mean = torch.einsum("n,ncijk->cijk", p.float(), disp)[None]
+            error = mean - truth
+            dice = dice_of(mean, truth_labels)
+            unskewed = dice_of(truth + torch.einsum("n,ncijk->cijk", p.float(), individual)[None], truth_labels)
             rows.append({"age": age, "ventricle_volume": volume, "sigma": float(sigma),
+                         **dict(zip(TARGET_COLUMNS[5:8], dice)), **dict(zip(TARGET_COLUMNS[8:], unskewed)),
                          "target error": _rms(error, mask),
                          "effective n": float(w.sum() ** 2 / w.pow(2).sum()),
                          "age offset": float((p * conds[:, 0]).sum()) - age,
