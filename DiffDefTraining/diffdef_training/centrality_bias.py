@@ -216,12 +216,12 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
             dice = dice_of(mean, truth_labels)
             unskewed = dice_of(truth + torch.einsum("n,ncijk->cijk", p.float(), individual)[None], truth_labels)
             rows.append({"age": age, "ventricle_volume": volume, "sigma": float(sigma),
-                         **dict(zip(TARGET_COLUMNS[5:8], dice)), **dict(zip(TARGET_COLUMNS[8:], unskewed)),
                          "target error": _rms(error, mask),
                          "effective n": float(w.sum() ** 2 / w.pow(2).sum()),
                          "age offset": float((p * conds[:, 0]).sum()) - age,
                          "volume offset": float((p * conds[:, 1]).sum()) - volume,
-                         "tissue offset %": 100 * (float((p * tissue).sum()) / float(law.tissue_volume(age)) - 1)})
+                         "tissue offset %": 100 * (float((p * tissue).sum()) / float(law.tissue_volume(age)) - 1),
+                         **dict(zip(TARGET_COLUMNS[5:8], dice)), **dict(zip(TARGET_COLUMNS[8:], unskewed))})
     return rows
 
 
