@@ -191,12 +191,12 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
     tissue = torch.as_tensor(law.tissue_volume(conds[:, 0].double().numpy()))
     space = _decoder_space(bundle, conds)
     gen = torch.Generator().manual_seed(seed)
-    template = law.template
+    template_labels, template_grid = law.template.labels_tensor(), law.template.grid  # converted once, not per atlas
 
     def dice_of(displacement_mm: torch.Tensor, truth_labels: np.ndarray) -> list[float]:
         """1 mm Dice (GM, WM, LV) of the template warped by a working-grid displacement (mm)."""
-        d = fields.resample_displacement(displacement_mm / spacing, grid, template.grid)
-        labels = fields.warp_labels(template.labels_tensor(), d)[0, 0].numpy()
+        d = fields.resample_displacement(displacement_mm / spacing, grid, template_grid)
+        labels = fields.warp_labels(template_labels, d)[0, 0].numpy()
         scores = metrics.dice(labels, truth_labels, labels=DICE_LABELS)
         return [scores[v] for v in DICE_LABELS]
 
