@@ -157,3 +157,42 @@ def test_centrality_bias_refuses_bad_sigmas(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "give comma-separated numbers" in err and "finite number > 0" in err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_objective_along_evaluates_the_decoders_own_loss(tiny_bundle):
+    """``--objective``: the bundle's decoder loss along the line from its atlas to the truth. The loss is the
+    recorded config's weighted sum of the terms it prints; the line ends at the truth (the atlas error falls to the
+    interpolation error between grids, and the ventricles' 1 mm Dice rises); and the draws are the same at every
+    fraction, so a fraction given twice gives the same row."""
+    from diffdef.bundle import load_bundle
+    from diffdef_training.centrality_bias import OBJECTIVE_COLUMNS, objective_along
+    from diffdef_training.config import load_config
+
+    rows = objective_along(tiny_bundle, [(75.0, 45.0)], fractions=(0.0, 1.0, 0.0), draws=3, progress=False)
+    assert [r["fraction"] for r in rows] == [0.0, 1.0, 0.0]
+    assert rows[0] == rows[2]
+    d = load_config(None, overrides=load_bundle(tiny_bundle, networks_wanted=()).meta["provenance"]["config"]).decoder
+    for r in rows:
+        assert all(math.isfinite(r[c]) for c in OBJECTIVE_COLUMNS)
+        weighted = (d.sim_weight * r["similarity"] + d.smooth_weight * r["smoothness"] + d.mp_weight * r["centrality"]
+                    + d.volume_weight * r["volume"] + d.neighbourhood_volume_weight * r["neighbourhood volume"])
+        assert math.isclose(r["loss"], weighted, rel_tol=1e-4, abs_tol=1e-6)
+    model, truth = rows[0], rows[1]
+    assert truth["atlas error"] < 0.25 * model["atlas error"]
+    assert truth["Dice LV"] > model["Dice LV"] + 0.2  # 8 mm grid here: the truth itself scores 0.86
+
+
+def test_objective_along_refuses_bad_fractions(tmp_path, capsys):
+    import pytest
+
+    from diffdef_training.centrality_bias import main
+
+    for bad in (["--objective", "0,x"], ["--objective", "1.5"], ["--objective", "0,1", "--sigmas", "0.3"],
+                ["--objective", "0", "--draws", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(bad + ["--out", str(tmp_path / "x.md")])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "give comma-separated fractions" in err and "must lie in [0, 1]" in err
+    assert "without --sigmas and --registration" in err and "--draws must be at least 1" in err
+    assert not (tmp_path / "x.md").exists()

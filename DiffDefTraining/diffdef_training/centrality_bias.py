@@ -35,6 +35,14 @@ displacement (``Dice``: the best atlas the centrality term alone could reach on 
 atlas's displacement plus the mean of the neighbours' individual parts (``Dice, skew removed``: their law
 displacement minus the one their conditions alone give; what is left when a term such as the volume term
 corrects the neighbourhood's skew, so the sampling noise of the cohort's own variation).
+
+``--objective 0,0.5,1`` asks instead whether the decoder reached its own objective's minimum
+(:func:`objective_along`): the bundle's decoder loss (its recorded config and weights, its network, its training
+cohort, ``--draws`` draws of its neighbours) along the straight line of velocities from the model's atlas (0) to
+the true one (1), with each unweighted term, the volume errors as training measures them, the atlas's RMS
+distance from the truth (mm) and its 1 mm Dice. A lower loss between the two than at 0 means the decoder stopped
+short of a better atlas by its own measure; a higher one at 1, in a given term, names the term that pulls the
+atlas off the truth.
 """
 from __future__ import annotations
 
@@ -78,6 +86,21 @@ def _parse_conditions(text: str) -> list[tuple[float, float]]:
 def _rms(d: torch.Tensor, region: torch.Tensor) -> float:
     """(1, 3, ...) displacement (mm) -> RMS of its norm over ``region`` ((1, 1, ...) weights)."""
     return float(((d.pow(2).sum(1, keepdim=True) * region).sum() / region.sum()).sqrt())
+
+
+class _Dice1mm:
+    """1 mm Dice (GM, WM, LV) against a true atlas's labels of the template warped by a displacement on the working
+    ``grid`` (mm); the template's label map is converted to a tensor once, not per atlas."""
+
+    def __init__(self, law, grid):
+        self.grid, self.spacing = grid, float(grid.spacing[0])
+        self.template_labels, self.template_grid = law.template.labels_tensor(), law.template.grid
+
+    def __call__(self, displacement_mm: torch.Tensor, truth_labels: np.ndarray) -> list[float]:
+        d = fields.resample_displacement(displacement_mm / self.spacing, self.grid, self.template_grid)
+        labels = fields.warp_labels(self.template_labels, d)[0, 0].numpy()
+        scores = metrics.dice(labels, truth_labels, labels=DICE_LABELS)
+        return [scores[v] for v in DICE_LABELS]
 
 
 def _synthetic_bundle(model, networks_wanted):
@@ -191,14 +214,7 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
     tissue = torch.as_tensor(law.tissue_volume(conds[:, 0].double().numpy()))
     space = _decoder_space(bundle, conds)
     gen = torch.Generator().manual_seed(seed)
-    template_labels, template_grid = law.template.labels_tensor(), law.template.grid  # converted once, not per atlas
-
-    def dice_of(displacement_mm: torch.Tensor, truth_labels: np.ndarray) -> list[float]:
-        """1 mm Dice (GM, WM, LV) of the template warped by a working-grid displacement (mm)."""
-        d = fields.resample_displacement(displacement_mm / spacing, grid, template_grid)
-        labels = fields.warp_labels(template_labels, d)[0, 0].numpy()
-        scores = metrics.dice(labels, truth_labels, labels=DICE_LABELS)
-        return [scores[v] for v in DICE_LABELS]
+    dice_of = _Dice1mm(law, grid)
 
     rows = []
     for age, volume in conditions:
@@ -225,14 +241,81 @@ def target_error(model=None, conditions=((50.0, None),), sigmas=(0.3,), size: in
     return rows
 
 
+OBJECTIVE_COLUMNS = ("loss", "centrality", "similarity", "smoothness", "volume", "neighbourhood volume",
+                     "volume error %", "neighbourhood volume error %", "atlas error", "Dice GM", "Dice WM", "Dice LV")
+
+
+@torch.no_grad()
+def objective_along(model=None, conditions=((50.0, None),), fractions=(0.0, 0.5, 1.0), draws: int = 16,
+                    seed: int = 0, progress: bool = True) -> list[dict]:
+    """One row per condition and fraction f (keys: age, ventricle_volume, fraction, :data:`OBJECTIVE_COLUMNS`): the
+    bundle's own decoder objective (its recorded training config, on its training cohort regenerated from the
+    synthetic law, its registration network) at the velocity (1 - f) v_model + f v_true, v_model the model's
+    generated velocity (sampling seed ``seed``, the bundle's number of draws), v_true the law's. ``loss`` and its
+    unweighted terms are means over ``draws`` neighbour draws, the same draws at every f; the volume errors (%)
+    are the atlas's against its requested and neighbourhood targets as training measures them; ``atlas error``
+    is the RMS over the brain of the displacement's distance from the true atlas's (mm); Dice is at 1 mm against
+    the true atlas. A loss lower at f > 0 than at f = 0 says the decoder stopped short of its own objective's
+    minimum along that line."""
+    from diffdef.bundle import NETWORKS
+    from diffdef.generate import AtlasGenerator
+
+    from .config import load_config
+    from .pipeline import prepared_cohort
+    from .stages import DecoderObjective
+
+    bundle = _synthetic_bundle(model, NETWORKS)
+    cfg = load_config(None, overrides=bundle.meta["provenance"]["config"])
+    if cfg.cohort.source != "synthetic":
+        raise ValueError(f"The bundle was trained on {cfg.cohort.source}; this measurement needs a synthetic cohort.")
+    generator = AtlasGenerator(bundle, device="cpu")
+    cohort = prepared_cohort(cfg, progress=progress)
+    objective = DecoderObjective(cfg, cohort, bundle.nets["registration"], torch.device("cpu"))
+    law, grid = default_law(), bundle.working_grid
+    spacing = float(grid.spacing[0])
+    mask = template_brain_mask(cohort.template_fractions)
+    dice_of = _Dice1mm(law, grid)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for age, volume in conditions:
+        volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
+        model_velocity = generator.velocity({"age": age, "ventricle_volume": volume}, seed=seed)[0].float()
+        true_velocity = law.condition_velocity(age, volume)
+        if not grid.same_as(law.law_grid):  # a vector field in voxels: converted between grids as a displacement
+            true_velocity = fields.resample_displacement(true_velocity, law.law_grid, grid)
+        truth = law.displacement(law.condition_velocity(age, volume), grid) * spacing
+        truth_labels = law.true_atlas(age, volume)["labels"][0, 0].numpy()
+        condition = cohort.spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1)
+        drawn = [objective.neighbours(condition, gen) for _ in range(draws)]
+        for f in tqdm(fractions, desc=f"{age:g} y, {volume:.1f} ml", disable=not progress):
+            velocity = (1 - f) * model_velocity + f * true_velocity
+            atlas, disp = objective.atlas(velocity)
+            sums = {}
+            for idx, weights in drawn:
+                loss, terms, volume_errors, neighbourhood_errors = objective.loss(
+                    velocity, atlas, disp, condition, cohort.images[idx], weights)
+                for k, v in {"loss": loss, **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / draws
+            rows.append({"age": age, "ventricle_volume": volume, "fraction": float(f),
+                         "loss": sums["loss"], "centrality": sums["centrality"], "similarity": sums["similarity"],
+                         "smoothness": sums["smoothness"], "volume": sums.get("volume", float("nan")),
+                         "neighbourhood volume": sums.get("neighbourhood_volume", float("nan")),
+                         "volume error %": volume_errors[0] if volume_errors else float("nan"),
+                         "neighbourhood volume error %": neighbourhood_errors[0] if neighbourhood_errors else float("nan"),
+                         "atlas error": _rms(disp * spacing - truth, mask),
+                         **dict(zip(OBJECTIVE_COLUMNS[9:], dice_of(disp * spacing, truth_labels)))})
+    return rows
+
+
 def table(rows: list[dict], columns=COLUMNS) -> str:
-    """Markdown table of :func:`measure`'s rows, or of :func:`target_error`'s with ``columns=TARGET_COLUMNS``."""
-    lead = ("age", "V (ml)", "sigma") if columns is TARGET_COLUMNS else ("age", "V (ml)")
+    """Markdown table of :func:`measure`'s rows, of :func:`target_error`'s with ``columns=TARGET_COLUMNS`` or of
+    :func:`objective_along`'s with ``columns=OBJECTIVE_COLUMNS``."""
+    extra = {TARGET_COLUMNS: ("sigma",), OBJECTIVE_COLUMNS: ("fraction",)}.get(columns, ())
+    lead = ("age", "V (ml)") + extra
     head = "| " + " | ".join(lead + columns) + " |\n|" + "---|" * (len(lead) + len(columns)) + "\n"
 
     def cells(r):
-        sigma = [f"{r['sigma']:g}"] if "sigma" in lead else []
-        return [f"{r['age']:g}", f"{r['ventricle_volume']:.1f}", *sigma] + [f"{r[c]:.3f}" for c in columns]
+        return [f"{r['age']:g}", f"{r['ventricle_volume']:.1f}", *(f"{r[k]:g}" for k in extra)] + [f"{r[c]:.3f}" for c in columns]
 
     return head + "".join("| " + " | ".join(cells(r)) + " |\n" for r in rows)
 
@@ -252,6 +335,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sigmas", default=None,
                     help="comma-separated Gaussian widths: measure the centrality's zero under a perfect registration "
                          "for each, on the training cohort, instead of the network's bias (no network is run)")
+    ap.add_argument("--objective", default=None,
+                    help="comma-separated fractions f in [0, 1], e.g. 0,0.5,1: evaluate instead the bundle's own decoder "
+                         "objective on its training cohort at (1 - f) x the model's velocity + f x the law's true one")
+    ap.add_argument("--draws", type=int, default=16, help="neighbour draws the objective is averaged over (with --objective)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default=None, help="Markdown file to write (replaced atomically)")
     ap.add_argument("--no-progress", action="store_true")
@@ -270,16 +357,29 @@ def main(argv=None) -> int:
         ap.error("--registration names a network to measure, --sigmas measures without one: give one of them")
     if sigmas is not None and not all(np.isfinite(s) and s > 0 for s in sigmas):
         ap.error(f"--sigmas {a.sigmas!r}: each width must be a finite number > 0")
+    try:
+        fractions = [float(x) for x in a.objective.split(",")] if a.objective else None
+    except ValueError:
+        ap.error(f"--objective {a.objective!r}: give comma-separated fractions, e.g. 0,0.5,1")
+    if fractions is not None and not all(0.0 <= f <= 1.0 for f in fractions):
+        ap.error(f"--objective {a.objective!r}: each fraction must lie in [0, 1] (0: the model's atlas, 1: the truth)")
+    if fractions is not None and (sigmas is not None or a.registration):
+        ap.error("--objective evaluates the bundle's own decoder objective: give it without --sigmas and --registration")
+    if a.draws < 1:
+        ap.error("--draws must be at least 1")
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
-    if sigmas is None:
-        try:
-            rows = measure(a.model, conditions, a.neighbours, a.pool, a.seed, not a.no_progress, a.registration)
-        except BundleError as exc:
-            ap.error(str(exc))
-        text = table(rows)
-    else:
-        text = table(target_error(a.model, conditions, sigmas, seed=a.seed, progress=not a.no_progress), TARGET_COLUMNS)
+    try:
+        if fractions is not None:
+            text = table(objective_along(a.model, conditions, fractions, a.draws, a.seed, not a.no_progress),
+                         OBJECTIVE_COLUMNS)
+        elif sigmas is not None:
+            text = table(target_error(a.model, conditions, sigmas, seed=a.seed, progress=not a.no_progress),
+                         TARGET_COLUMNS)
+        else:
+            text = table(measure(a.model, conditions, a.neighbours, a.pool, a.seed, not a.no_progress, a.registration))
+    except (BundleError, ValueError) as exc:
+        ap.error(str(exc))
     seconds = time.perf_counter() - t
     print(text + f"\n{seconds:.0f} s")
     if a.out:

@@ -567,6 +567,28 @@ class DecoderObjective:
         return {"centrality": centrality, "similarity": self.lncc(moving, neighbour_images),
                 "smoothness": self.smooth(velocity)}
 
+    def loss(self, velocity, atlas, disp, condition, neighbour_images, weights=None) -> tuple[torch.Tensor, dict, list, list]:
+        """The decoder's weighted loss for one atlas (``velocity``, ``atlas``, ``disp`` (1, ...) each, normalised
+        ``condition`` (K,), the neighbours' images and :meth:`neighbours`' weights): (loss, its unweighted terms,
+        the requested volumes' errors %, the neighbourhood volumes' errors %). Training and the diagnostics that
+        evaluate the objective elsewhere (``centrality_bias --objective``) share it."""
+        d = self.cfg.decoder
+        t = self.terms(velocity, atlas, neighbour_images, centrality_grad=d.mp_loss, weights=weights)
+        loss = d.sim_weight * t["similarity"] + d.smooth_weight * t["smoothness"]
+        if d.mp_loss:
+            loss = loss + d.mp_weight * t["centrality"]
+        volume_errors, neighbourhood_errors = [], []
+        if self.has_volume_terms:
+            t["volume"], volume_errors = self.volume(disp, condition)
+            loss = loss + d.volume_weight * t["volume"]
+            if self.has_neighbourhood_volume:
+                t["neighbourhood_volume"], neighbourhood_errors = self.neighbourhood_volume(disp, condition)
+                loss = loss + d.neighbourhood_volume_weight * t["neighbourhood_volume"]
+        if self.has_neighbourhood_shape:
+            t["neighbourhood_shape"] = self.neighbourhood_shape(disp, condition)
+            loss = loss + d.neighbourhood_shape_weight * t["neighbourhood_shape"]
+        return loss, t, volume_errors, neighbourhood_errors
+
 
 def _grouped(maps: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
     """Label maps or fractions (B, L, ...) summed within each group of label values: (B, len(groups), ...)."""
@@ -606,22 +628,10 @@ def train_decoder(cfg: TrainConfig, ctx: RunContext, cohort: CohortTensors, out,
             g = sample_generator(cfg.seed + 4, step * dcfg.accumulate + micro, i)
             idx_nb, weights = objective.neighbours(bank_conds[i], g)
             nb = cohort.images[idx_nb].to(ctx.device)
-            t = objective.terms(velocity[b : b + 1], atlas[b : b + 1], nb, centrality_grad=dcfg.mp_loss, weights=weights)
-            loss = dcfg.sim_weight * t["similarity"] + dcfg.smooth_weight * t["smoothness"]
-            if dcfg.mp_loss:
-                loss = loss + dcfg.mp_weight * t["centrality"]
-            if objective.has_volume_terms:
-                requested, errors = objective.volume(disp[b : b + 1], cond[b])
-                volume_errors += errors
-                t["volume"] = requested
-                loss = loss + dcfg.volume_weight * requested
-                if objective.has_neighbourhood_volume:
-                    t["neighbourhood_volume"], errors = objective.neighbourhood_volume(disp[b : b + 1], cond[b])
-                    neighbourhood_errors += errors
-                    loss = loss + dcfg.neighbourhood_volume_weight * t["neighbourhood_volume"]
-            if objective.has_neighbourhood_shape:
-                t["neighbourhood_shape"] = objective.neighbourhood_shape(disp[b : b + 1], cond[b])
-                loss = loss + dcfg.neighbourhood_shape_weight * t["neighbourhood_shape"]
+            loss, t, errors, nb_errors = objective.loss(velocity[b : b + 1], atlas[b : b + 1], disp[b : b + 1], cond[b],
+                                                        nb, weights)
+            volume_errors += errors
+            neighbourhood_errors += nb_errors
             total = total + loss / len(idx)
             for k, v in t.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / len(idx)
