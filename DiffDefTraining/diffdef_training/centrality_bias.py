@@ -280,10 +280,10 @@ def objective_along(model=None, conditions=((50.0, None),), fractions=(0.0, 0.5,
     for age, volume in conditions:
         volume = float(median_ventricle_volume(age)) if volume is None else float(volume)
         model_velocity = generator.velocity({"age": age, "ventricle_volume": volume}, seed=seed)[0].float()
-        true_velocity = law.condition_velocity(age, volume)
-        if not grid.same_as(law.law_grid):  # a vector field in voxels: converted between grids as a displacement
-            true_velocity = fields.resample_displacement(true_velocity, law.law_grid, grid)
-        truth = law.displacement(law.condition_velocity(age, volume), grid) * spacing
+        law_velocity = law.condition_velocity(age, volume)  # on the law's grid, once
+        truth = law.displacement(law_velocity, grid) * spacing
+        true_velocity = law_velocity if grid.same_as(law.law_grid) else \
+            fields.resample_displacement(law_velocity, law.law_grid, grid)  # a vector field in voxels, as a displacement
         truth_labels = law.true_atlas(age, volume)["labels"][0, 0].numpy()
         condition = cohort.spec.normalise({"age": age, "ventricle_volume": volume}).reshape(-1)
         drawn = [objective.neighbours(condition, gen) for _ in range(draws)]
