@@ -125,6 +125,8 @@ def test_resume_equals_uninterrupted(name, small_cohort, tmp_path):
     k = 2
     cfg = load_config(None, {**SMALL, name: {**SMALL[name], "steps": 2 * k, "ema": 0.9, "checkpoint_every": 1}})
     full = _train(name, cfg, small_cohort, tmp_path / "full", seed=0)
+    convs = [p for p in full.parameters() if p.ndim == 5]  # trained channels-last on the CPU (channels_last_on_cpu)
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
     part = _train(name, cfg, small_cohort, tmp_path / "part", seed=0, stop_after=k)
     assert torch.load(tmp_path / "part" / "checkpoints" / "latest.pt", weights_only=True)["step"] == k
     resumed = _train(name, cfg, small_cohort, tmp_path / "part", seed=99, resume=True)

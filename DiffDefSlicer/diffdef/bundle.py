@@ -76,8 +76,9 @@ class Bundle:
         return float(self.meta["latent"]["scale_factor"])
 
     def to(self, device) -> "Bundle":
+        """Move every network to ``device`` (channels-last on a CPU, :func:`~diffdef.networks.channels_last_on_cpu`)."""
         for net in self.nets.values():
-            net.to(device)
+            networks.channels_last_on_cpu(net.to(device), device)
         return self
 
 

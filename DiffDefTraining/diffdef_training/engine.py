@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffdef.io import atomic_path
+from diffdef.networks import channels_last_on_cpu
 
 from .config import StageConfig, settings_key
 
@@ -148,7 +149,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
     ``stop_after`` ends the run early after that many steps (used to test resume)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
-    model.to(ctx.device)
+    channels_last_on_cpu(model.to(ctx.device), ctx.device)
     ddp = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)

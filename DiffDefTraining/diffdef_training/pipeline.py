@@ -18,6 +18,7 @@ import torch
 from diffdef.bundle import save_bundle
 from diffdef.conditions import Condition, ConditionSpec
 from diffdef.io import atomic_path
+from diffdef.networks import channels_last_on_cpu
 from diffdef.template import NUM_LABELS, load_template
 
 from . import stages
@@ -292,8 +293,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
 
     def stage(name, train_fn):
         d = out / name
-        if current(name):
-            return _load_state(d / f"{name}.safetensors", builders[name]())
+        if current(name):  # in the layout training gives it, so that a loaded stage computes as a trained one
+            return channels_last_on_cpu(_load_state(d / f"{name}.safetensors", builders[name]()), ctx.device)
         # each stage starts from its own seed: its initial weights do not depend on which stages ran before
         torch.manual_seed(cfg.seed * 1009 + STAGES.index(name))
         t = time.time()

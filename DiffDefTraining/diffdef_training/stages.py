@@ -15,7 +15,7 @@ from torch import nn
 from diffdef import fields
 from diffdef.geometry import Grid
 from diffdef.networks import ConditionEmbedding, DeformationDecoder, RegistrationNet, build_autoencoder, \
-    build_diffusion, build_scheduler
+    build_diffusion, build_scheduler, channels_last_on_cpu
 from diffdef.sampling import sample_latents
 from diffdef.template import load_template
 
@@ -424,7 +424,7 @@ class DecoderObjective:
     def __init__(self, cfg: TrainConfig, cohort: CohortTensors, registration: nn.Module, device):
         check_label_maps(cfg, cohort)
         self.cfg, self.cohort, self.device = cfg, cohort, device
-        self.registration = registration.to(device).eval()
+        self.registration = channels_last_on_cpu(registration.to(device).eval(), device)
         for p in self.registration.parameters():
             p.requires_grad_(False)
         self.lncc, self.smooth, _ = registration_losses(cfg.registration.lncc_kernel)
