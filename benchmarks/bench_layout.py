@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from diffdef.bundle import load_bundle
+from diffdef.bundle import BundleError, load_bundle
 from diffdef.networks import DeformationDecoder, build_autoencoder
 
 SHIPPED = Path(__file__).resolve().parents[1] / "DiffDefSlicer" / "Resources" / "Models" / "default"
@@ -110,7 +110,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    bundle = load_bundle(a.model)
+    try:
+        bundle = load_bundle(a.model)
+    except BundleError as exc:
+        raise SystemExit(f"bench_layout: {exc}") from None
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, working grid "
           f"{tuple(bundle.working_grid.shape)}; median of {a.repeats} repeats per layout, alternating")
     print(f"{'pass':56s} {'contiguous s':>13s} {'channels-last s':>16s} {'ratio':>6s}")
