@@ -638,6 +638,29 @@ def test_bank_uniform_covers_the_cohorts_edges(small_cohort):
     assert torch.allclose(space.normalised(space(conds)), conds, atol=1e-5)  # the inverse
 
 
+def test_bank_volume_margin_extends_only_the_volume_conditions(small_cohort):
+    """bank_volume_margin 0.2 widens the uniform draw of the volume condition (log scale) by 0.2 of its log range
+    on each side, so some draws lie past the cohort's extremes and none past the widened ones; age, which is not a
+    volume, keeps the cohort's extremes. A negative margin is refused."""
+    decoder = {"bank_size": 400, "condition_dropout": 0.0, "bank_mixing": 0.0, "bank_uniform": 1.0,
+               "log_conditions": ["ventricle_volume"], "volume_labels": {"ventricle_volume": 4},
+               "bank_volume_margin": 0.2}
+    cfg = load_config(None, {**SMALL, "decoder": decoder})
+    sd = torch.tensor([c.sd for c in small_cohort.spec.conditions])
+    mean = torch.tensor([c.mean for c in small_cohort.spec.conditions])
+    raw = stages.bank_conditions(cfg, small_cohort) * sd + mean
+    cohort_raw = small_cohort.conditions * sd + mean
+    lo, hi = cohort_raw.min(0).values, cohort_raw.max(0).values
+    assert bool((raw[:, 0] >= lo[0] - 1e-3).all() and (raw[:, 0] <= hi[0] + 1e-3).all())
+    log_lo, log_hi = lo[1].log(), hi[1].log()
+    span = log_hi - log_lo
+    log_v = raw[:, 1].log()
+    assert bool((log_v >= log_lo - 0.2 * span - 1e-4).all() and (log_v <= log_hi + 0.2 * span + 1e-4).all())
+    assert int((log_v < log_lo).sum()) > 20 and int((log_v > log_hi).sum()) > 20  # about 400 * 0.2 / 1.4 = 57 each
+    with pytest.raises(ConfigError, match="bank_volume_margin must be 0 or more"):
+        load_config(None, {"decoder": {**decoder, "bank_volume_margin": -0.1}})
+
+
 @pytest.mark.parametrize("mixing, uniform", [(0.6, 0.6), (0.0, -0.1), (0.0, 1.5)])
 def test_config_refuses_bank_fractions_over_one(mixing, uniform):
     with pytest.raises(ConfigError, match="bank_mixing and decoder.bank_uniform"):

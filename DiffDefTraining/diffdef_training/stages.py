@@ -252,7 +252,9 @@ def bank_conditions(cfg: TrainConfig, cohort: CohortTensors) -> torch.Tensor:
     ventricles at 65), which the cohort's joint distribution rarely or never shows the decoder. The next
     ``bank_uniform`` fraction is drawn uniformly between the cohort's extremes in :class:`NeighbourhoodSpace`
     coordinates (log-uniform for ``log_conditions``): the cohort's sparse edges get as many items as its middle
-    (1 % of the synthetic cohort has ventricles under 10 ml, 5.8 % under 12 ml)."""
+    (1 % of the synthetic cohort has ventricles under 10 ml, 5.8 % under 12 ml). For a condition that is a
+    volume (``volume_labels``) that range extends by ``bank_volume_margin`` of itself on each side: the volume
+    asked is its own target, so the decoder is trained just past the cohort too (65 y / 96 ml)."""
     dcfg = cfg.decoder
     g = torch.Generator().manual_seed(cfg.seed + 3)
     pick = torch.randint(0, len(cohort), (dcfg.bank_size,), generator=g)
@@ -266,6 +268,10 @@ def bank_conditions(cfg: TrainConfig, cohort: CohortTensors) -> torch.Tensor:
         known = ~torch.isnan(space.cohort)
         lo = torch.where(known, space.cohort, torch.inf).min(0).values
         hi = torch.where(known, space.cohort, -torch.inf).max(0).values
+        margin = torch.zeros_like(lo)
+        for name in dcfg.volume_labels:
+            margin[cohort.spec.names.index(name)] = dcfg.bank_volume_margin
+        lo, hi = lo - margin * (hi - lo), hi + margin * (hi - lo)
         coords = lo + (hi - lo) * torch.rand(uniform, len(lo), generator=g)
         values[mixed : mixed + uniform] = space.normalised(coords)
     gens = [sample_generator(cfg.seed + 3, 0, i) for i in range(dcfg.bank_size)]
