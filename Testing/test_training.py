@@ -641,7 +641,8 @@ def test_bank_uniform_covers_the_cohorts_edges(small_cohort):
 def test_bank_volume_margin_extends_only_the_volume_conditions(small_cohort):
     """bank_volume_margin 0.2 widens the uniform draw of the volume condition (log scale) by 0.2 of its log range
     on each side, so some draws lie past the cohort's extremes and none past the widened ones; age, which is not a
-    volume, keeps the cohort's extremes. A negative margin is refused."""
+    volume, keeps the cohort's extremes. A negative margin is refused, and so is one without the log-uniform draw
+    to widen."""
     decoder = {"bank_size": 400, "condition_dropout": 0.0, "bank_mixing": 0.0, "bank_uniform": 1.0,
                "log_conditions": ["ventricle_volume"], "volume_labels": {"ventricle_volume": 4},
                "bank_volume_margin": 0.2}
@@ -659,6 +660,9 @@ def test_bank_volume_margin_extends_only_the_volume_conditions(small_cohort):
     assert int((log_v < log_lo).sum()) > 20 and int((log_v > log_hi).sum()) > 20  # about 400 * 0.2 / 1.4 = 57 each
     with pytest.raises(ConfigError, match="bank_volume_margin must be 0 or more"):
         load_config(None, {"decoder": {**decoder, "bank_volume_margin": -0.1}})
+    for other in ({"log_conditions": []}, {"bank_uniform": 0.0}):  # a negative volume; nothing to widen
+        with pytest.raises(ConfigError, match="bank_volume_margin widens the uniform draw"):
+            load_config(None, {"decoder": {**decoder, **other}})
 
 
 @pytest.mark.parametrize("mixing, uniform", [(0.6, 0.6), (0.0, -0.1), (0.0, 1.5)])

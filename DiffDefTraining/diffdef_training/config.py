@@ -110,7 +110,7 @@ class DecoderConfig(StageConfig):
     condition_dropout: float = 0.15  # per condition, for the latent bank
     bank_mixing: float = 0.0  # fraction of the bank whose conditions are drawn independently of each other (covers combinations the cohort lacks)
     bank_uniform: float = field(default=0.0, metadata=ADDED)  # fraction of the bank (after the bank_mixing one) drawn uniformly between the cohort's extremes of each condition (log-uniform for log_conditions), so the cohort's sparse edges are trained as often as its middle
-    bank_volume_margin: float = field(default=0.0, metadata=ADDED)  # the bank_uniform draw of each volume_labels condition extends past the cohort's extremes by this fraction of its range on each side (in neighbourhood coordinates: log for log_conditions): a requested volume is its own target, so the volume term supervises the decoder beyond the cohort, where the command line extrapolates (0.1 with the synthetic cohort's 6.7-83.6 ml: 5.2-108 ml)
+    bank_volume_margin: float = field(default=0.0, metadata=ADDED)  # the bank_uniform draw of each volume_labels condition extends past the cohort's extremes by this fraction of its range on each side on the log scale (each such condition must be in log_conditions, so the range stays positive): a requested volume is its own target, so the volume term supervises the decoder beyond the cohort, where the command line extrapolates (0.1 with the synthetic cohort's 6.7-83.6 ml: 5.2-108 ml)
     volume_labels: dict = field(default_factory=dict)  # condition that is the volume (ml) of a template label -> that label's value, e.g. {ventricle_volume: 4}
     neighbourhood_volume_labels: list = field(default_factory=list)  # template labels, or lists of labels counted together, whose atlas volume keeps the neighbourhood's weighted mean (needs cohort label maps), e.g. [2, 3] or [[2, 3]] (brain tissue, GM + WM: the majority-vote GM/WM miscount cancels); majority-vote labels on a coarse grid bias thin structures (GM), so the shipped model counts GM and WM together ([[2, 3]])
     volume_on_template_grid: bool = field(default=False, metadata=ADDED)  # measure volume_labels on the 1 mm template grid (a box around each label) instead of the working grid's block-averaged fractions, which read large changes short (60 ml asked: 61.8 ml at 4 mm, 67.2 ml at 1 mm)
@@ -297,6 +297,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if not d.bank_volume_margin >= 0:
         raise ConfigError(f"decoder.bank_volume_margin must be 0 or more (a fraction of each volume condition's cohort "
                           f"range), got {d.bank_volume_margin}.")
+    linear = [name for name in d.volume_labels if name not in d.log_conditions]
+    if d.bank_volume_margin and (not d.bank_uniform or linear):
+        # on the linear scale a widened range can reach a negative volume, whose log ratio is undefined
+        raise ConfigError(f"decoder.bank_volume_margin widens the uniform draw (decoder.bank_uniform, now "
+                          f"{d.bank_uniform}) of volume conditions on the log scale; set decoder.bank_uniform above 0 "
+                          f"and add {linear or list(d.volume_labels)} to decoder.log_conditions, or set the margin to 0.")
     r = cfg.registration
     if not (0 <= r.template_moving <= 1 and 0 <= r.template_fixed <= 1 and r.template_moving + r.template_fixed <= 1):
         raise ConfigError(f"registration.template_moving and registration.template_fixed must each be in [0, 1] and add "
