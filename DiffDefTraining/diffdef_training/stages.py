@@ -268,9 +268,7 @@ def bank_conditions(cfg: TrainConfig, cohort: CohortTensors) -> torch.Tensor:
         known = ~torch.isnan(space.cohort)
         lo = torch.where(known, space.cohort, torch.inf).min(0).values
         hi = torch.where(known, space.cohort, -torch.inf).max(0).values
-        margin = torch.zeros_like(lo)
-        for name in dcfg.volume_labels:
-            margin[cohort.spec.names.index(name)] = dcfg.bank_volume_margin
+        margin = torch.tensor([dcfg.bank_volume_margin if name in dcfg.volume_labels else 0.0 for name in cohort.spec.names])
         lo, hi = lo - margin * (hi - lo), hi + margin * (hi - lo)
         coords = lo + (hi - lo) * torch.rand(uniform, len(lo), generator=g)
         values[mixed : mixed + uniform] = space.normalised(coords)
