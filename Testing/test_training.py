@@ -244,6 +244,24 @@ def test_resume_from_incompatible_checkpoint(tmp_path, small_cohort):
         run_pipeline(cfg, progress=False, only=("diffusion",))
 
 
+def test_fresh_start_refuses_to_overwrite_a_resumable_checkpoint(tmp_path, small_cohort):
+    """The same command without --resume would start an interrupted stage from step 0 and overwrite its steps:
+    refused, with nothing touched; a checkpoint of other settings is the documented retraining and is replaced."""
+    run = tmp_path / "run"
+    cfg = load_config(None, {**SMALL, "output": str(run), "autoencoder": {**SMALL["autoencoder"], "steps": 4}})
+    _train("autoencoder", cfg, small_cohort, run / "autoencoder", seed=0, stop_after=1)
+    latest = run / "autoencoder" / "checkpoints" / "latest.pt"
+    before = {f: f.read_bytes() for f in (latest, run / "autoencoder" / "log.csv")}
+    with pytest.raises(CheckpointError, match=r"holds 1 of 4 steps .* Add --resume to continue it, or delete"):
+        run_pipeline(cfg, progress=False, only=("autoencoder",))
+    assert "Add --resume" in _cli("pipeline", "--config", str(_write(tmp_path / "c.json", cfg.to_dict())),
+                                  "--stages", "autoencoder")
+    assert {f: f.read_bytes() for f in before} == before
+    other_lr = load_config(None, {**cfg.to_dict(), "autoencoder": {**cfg.to_dict()["autoencoder"], "lr": 0.5}})
+    run_pipeline(other_lr, progress=False, only=("autoencoder",))
+    assert torch.load(latest, weights_only=True)["step"] == 4
+
+
 # -- 5. plots -------------------------------------------------------------------------------------------------------
 def test_plot_command_writes_pngs(tiny_run, tmp_path, capsys):
     from diffdef_training.cli import main

@@ -23,7 +23,7 @@ from diffdef.template import NUM_LABELS, load_template
 
 from . import stages
 from .config import TrainConfig
-from .engine import RunContext, check_checkpoint, init_distributed
+from .engine import CheckpointError, RunContext, check_checkpoint, init_distributed
 
 STAGES = ("autoencoder", "diffusion", "registration", "decoder")
 SYNTHETIC_CONDITIONS = ("age", "ventricle_volume")  # the columns of SyntheticCohort's condition vectors
@@ -162,6 +162,26 @@ def check_resumable(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
                 check_checkpoint(latest, name, builders[name](), cfg.stage(name))
 
 
+def check_fresh_start(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
+    """Before a run without ``--resume``: refuse to start again a stage in ``names`` that never finished and whose
+    checkpoint ``--resume`` would continue (same network and settings), as step 0 would overwrite its steps.
+    A checkpoint of other settings, or of a stage that finished before its settings changed, is a retraining
+    the user asked for and is replaced as documented (raises :class:`diffdef_training.engine.CheckpointError`)."""
+    for name in names:
+        d = out / name
+        latest = d / "checkpoints" / "latest.pt"
+        if not latest.exists() or (d / "done.json").exists():
+            continue
+        try:
+            with torch.random.fork_rng(devices=[]):
+                state = check_checkpoint(latest, name, builders[name](), cfg.stage(name))
+        except CheckpointError:
+            continue
+        raise CheckpointError(f"{latest} holds {int(state['step'])} of {cfg.stage(name).steps} steps of this {name} "
+                              f"training, which a start from step 0 would overwrite. Add --resume to continue it, "
+                              f"or delete {d} to train the stage from the start.")
+
+
 def stage_builders(cfg: TrainConfig) -> dict:
     """Per stage, a function that builds its untrained network from the config."""
     arch, k = cfg.architecture, len(cfg.cohort.conditions)
@@ -287,8 +307,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     stale = [s for s in needed if s not in only and not current(s)]
     if stale:
         raise ValueError(f"Stage {stale[0]} is not current in {out}; run it first (or list it in --stages).")
-    if resume:
-        check_resumable(cfg, out, builders, [s for s in only if not current(s)])
+    to_train = [s for s in only if not current(s)]
+    (check_resumable if resume else check_fresh_start)(cfg, out, builders, to_train)
     cohort = prepared_cohort(cfg, progress=progress and ctx.is_main)
 
     def stage(name, train_fn):
