@@ -57,6 +57,7 @@ class DiffDefParameterNode:
     steps: int = 0  # 0: the bundle's default
     samples: int = 0  # diffusion draws averaged into one atlas; 0: the bundle's default
     surfaces: bool = False
+    calibrateVolumes: bool = True  # meet each requested volume on the 1 mm grid (diffdef.calibration)
     subjectVolume: slicer.vtkMRMLScalarVolumeNode
     subjectSegmentation: slicer.vtkMRMLSegmentationNode
     trajectoryCondition: str = ""
@@ -306,8 +307,8 @@ class DiffDefWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _common(self):
         p = self._parameterNode
-        return dict(bundle_path=self._bundle(), device=p.device, seed=p.seed, progress=self._progress,
-                    cancel=self._cancelled)
+        return dict(bundle_path=self._bundle(), device=p.device, seed=p.seed, calibrate_volumes=p.calibrateVolumes,
+                    progress=self._progress, cancel=self._cancelled)
 
     def onGenerate(self):
         p = self._parameterNode
@@ -323,6 +324,7 @@ class DiffDefWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         atlas = getattr(self, "_lastAtlas", None)
         if atlas is not None and (atlas.atlas.conditions != self.logic.generator(self._bundle(), p.device)
                                   .spec.validate(self._conditions())[0] or atlas.atlas.seed != p.seed
+                                  or atlas.atlas.sampling.get("calibrate_volumes") != p.calibrateVolumes
                                   or any(p_value and atlas.atlas.sampling[key] != p_value
                                          for key, p_value in (("steps", p.steps), ("samples", p.samples)))):
             atlas = None

@@ -44,6 +44,9 @@ def test_generate_writes_every_output(generated):
     assert meta["seed"] == 3 and meta["steps"] == 2 and meta["folding_ratio"] == 0.0
     assert meta["samples"] == json.loads((Path(meta["model"]["path"]) / "model.json").read_text())["sampling"]["samples"]
     assert set(meta["label_volumes_ml"]) == {"CSF", "gray matter", "white matter", "lateral ventricles"}
+    # the requested volume is calibrated by default, and the sidecar says from what
+    assert meta["calibrate_volumes"] is True and meta["volume_calibration"]["ventricle_volume"]["converged"]
+    assert meta["label_volumes_ml"]["lateral ventricles"] == pytest.approx(30.0, rel=0.03)
     assert meta["model"]["path"] and meta["model"]["provenance"]["cohort"] == "synthetic"
     assert meta["diffdef_version"] and meta["warnings"] == []
     assert {"load_s", "sampling_and_decoding_s", "integration_s", "warping_s", "writing_s"} <= set(meta["timings_s"])
@@ -51,6 +54,17 @@ def test_generate_writes_every_output(generated):
 
     with Image.open(generated / "atlas_preview.png") as im:
         assert im.size[0] > 600 and im.size[1] > 200
+
+
+def test_no_volume_calibration_keeps_the_decoders_volumes(generated, tiny_bundle, tmp_path, capsys):
+    code, _, _ = run(capsys, "generate", "--model", tiny_bundle, "--age", "70", "--ventricle-volume", "30", "--seed", "3",
+                     "--no-volume-calibration", *FAST, "-o", tmp_path)
+    assert code == 0
+    meta = json.loads((tmp_path / "atlas.json").read_text())
+    calibrated = json.loads((generated / "atlas.json").read_text())
+    assert meta["calibrate_volumes"] is False and meta["volume_calibration"] == {}
+    decoder_ml = calibrated["volume_calibration"]["ventricle_volume"]["decoder_ml"]
+    assert meta["label_volumes_ml"]["lateral ventricles"] == pytest.approx(decoder_ml, rel=0.03)
 
 
 @pytest.mark.parametrize("name", ["atlas_t1.nii.gz", "atlas_labels.nii.gz", "atlas_jacobian.nii.gz"])

@@ -34,8 +34,9 @@ def test_outputs_written(tiny_evaluation):
     for name in ("evaluation.md", "evaluation.json", "evaluation_atlases.png", "evaluation_volumes.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = json.loads((out / "evaluation.json").read_text())
-    assert {r["method"] for r in data["rows"]} == {"true atlas", "DiffDef", "MNI template", "conventional",
-                                                  "conventional, 1 mm", "intensity generation"}
+    assert {r["method"] for r in data["rows"]} == {"true atlas", "DiffDef", "DiffDef, no volume calibration",
+                                                  "MNI template", "conventional", "conventional, 1 mm",
+                                                  "intensity generation"}
     md = (out / "evaluation.md").read_text()
     for method in ("DiffDef", "MNI template", "conventional", "intensity generation", "Targets"):
         assert method in md
@@ -57,6 +58,9 @@ def test_metrics_finite_and_in_range(tiny_evaluation):
     assert diffdef["folding_pct"] == 0.0  # velocity-integrated: diffeomorphic
     assert diffdef["dice"]["WM"] > 0.8  # even the barely trained model warps the template only a little
     assert _rows(result, "conventional")[0]["folding_pct"] is None  # no deformation to judge
+    # the barely trained decoder misses the requested volume; the calibrated atlas, as diffdef generate makes it, not
+    uncalibrated = _rows(result, "DiffDef, no volume calibration")[0]
+    assert abs(diffdef["ventricle_err_pct"]) < 3 < abs(uncalibrated["ventricle_err_pct"])
 
 
 def test_conventional_at_1mm_uses_the_same_subjects(tiny_evaluation):

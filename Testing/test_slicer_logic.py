@@ -42,7 +42,9 @@ def ijk_to_ras(node) -> np.ndarray:
 def session(tiny_bundle):
     scene = slicer.vtkMRMLScene()
     logic = DiffDefSceneLogic(scene)
-    result = logic.generate(CONDITIONS, bundle_path=tiny_bundle, device="cpu", seed=3, steps=2)
+    # the decoder's own field: the untrained tiny model's ventricles, calibrated from the template's to 30 ml, would
+    # make a field steeper than VTK's iterative inverse (ToParent) resolves to the 1e-3 mm the tests below ask
+    result = logic.generate(CONDITIONS, bundle_path=tiny_bundle, device="cpu", seed=3, steps=2, calibrate_volumes=False)
     return scene, logic, result
 
 
@@ -328,7 +330,18 @@ def test_compare_generates_its_atlas_with_the_sampling_asked(session, subject, t
     monkeypatch.setattr(diffdef.compare, "compare_subject", stop)
     with pytest.raises(DiffDefError, match="stopped after the check"):
         logic.compare(subject[0], CONDITIONS, bundle_path=tiny_bundle, device="cpu", steps=2, samples=3)
-    assert seen == {"steps": 2, "guidance": None, "samples": 3}
+    assert seen == {"steps": 2, "guidance": None, "samples": 3, "calibrate_volumes": True}
+
+
+def test_generate_calibrates_the_requested_volume_unless_asked_not_to(session, tiny_bundle):
+    scene, logic, result = session
+    assert result.atlas.volume_calibration == {} and result.atlas.sampling["calibrate_volumes"] is False
+    calibrated = logic.generate(CONDITIONS, bundle_path=tiny_bundle, device="cpu", seed=3, steps=2)
+    report = calibrated.atlas.volume_calibration["ventricle_volume"]
+    assert report["requested_ml"] == CONDITIONS["ventricle_volume"] and report["converged"]
+    segments = calibrated.segmentation.GetSegmentation()
+    assert segments.GetSegment(segments.GetSegmentIdBySegmentName("lateral ventricles")) is not None
+    assert calibrated.atlas.label_volumes_ml["lateral ventricles"] == pytest.approx(CONDITIONS["ventricle_volume"], rel=0.03)
 
 
 def test_extrapolation_is_a_warning(session, tiny_bundle):

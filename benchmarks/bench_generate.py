@@ -5,7 +5,8 @@ sampling, decoding, integration, warping, writing), with the split per stage.
   python benchmarks/bench_generate.py --model runs/tiny/bundle --runs 3 --threads 2
 
 The split comes from each run's sidecar (``atlas.json`` ``timings_s``): load = model bundle + template;
-sampling + decoding = DDIM steps and the deformation decoder (timed together by the core); integration =
+sampling + decoding = DDIM steps and the deformation decoder (timed together by the core); calibration = meeting
+the requested ventricle volume (:mod:`diffdef.calibration`; 0 when no volume is asked); integration =
 scaling and squaring + resampling the displacement to 1 mm; warping = template T1 and labels + Jacobian;
 writing = all output files. "startup" is the rest of the wall time (Python and torch imports, argument parsing).
 CPU seconds (user + system of the child) are printed too: on a shared machine they are the stable figure.
@@ -24,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = [("load", "load_s"), ("sampling+decoding", "sampling_and_decoding_s"), ("integration", "integration_s"),
-          ("warping", "warping_s"), ("writing", "writing_s")]
+STAGES = [("load", "load_s"), ("sampling+decoding", "sampling_and_decoding_s"), ("calibration", "volume_calibration_s"),
+          ("integration", "integration_s"), ("warping", "warping_s"), ("writing", "writing_s")]
 
 
 def one_run(cmd: list[str], env: dict) -> dict:

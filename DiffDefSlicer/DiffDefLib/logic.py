@@ -156,15 +156,17 @@ class DiffDefSceneLogic:
     def generate(self, conditions: dict, bundle_path=None, device: str = "auto", seed: int = 0,
                  steps: int | None = None, guidance: float | None = None, samples: int | None = None,
                  name: str | None = None, jacobian: bool = False, surfaces: bool = False,
-                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> GenerateResult:
+                 calibrate_volumes: bool = True, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None) -> GenerateResult:
         """Atlas for ``conditions`` -> scalar volume (IJKToRAS = template affine), segmentation (named, coloured
         segments), grid transform (FromParent p -> p + u(p), RAS mm) and optionally the Jacobian determinant.
         ``steps``, ``guidance``, ``samples`` (diffusion draws averaged; None = the bundle's): see
-        :meth:`diffdef.generate.AtlasGenerator.velocity`."""
+        :meth:`diffdef.generate.AtlasGenerator.velocity`; ``calibrate_volumes``: meet each requested volume on the
+        1 mm grid (:mod:`diffdef.calibration`)."""
         t0 = time.perf_counter()
         gen = self.generator(bundle_path, device)
         warnings = self.validate_conditions(gen.spec, conditions)
-        sampling = self._sampling(steps, guidance, samples)
+        sampling = self._sampling(steps, guidance, samples, calibrate_volumes)
         atlas = self._generate_atlas(gen, conditions, seed, sampling, jacobian, progress, cancel)
         if progress:
             progress(0.97, "Adding the atlas to the scene")
@@ -178,12 +180,12 @@ class DiffDefSceneLogic:
         return result
 
     @staticmethod
-    def _sampling(steps, guidance, samples) -> dict:
+    def _sampling(steps, guidance, samples, calibrate_volumes) -> dict:
         """``AtlasGenerator.generate``'s sampling options (None = the bundle's), checked."""
         for what, n in (("sampling steps", steps), ("averaged samples", samples)):
             if n is not None and int(n) < 1:
                 raise DiffDefError(f"The number of {what} must be at least 1 (got {n}).")
-        return {"steps": steps, "guidance": guidance, "samples": samples}
+        return {"steps": steps, "guidance": guidance, "samples": samples, "calibrate_volumes": bool(calibrate_volumes)}
 
     @staticmethod
     def _generate_atlas(gen, conditions, seed, sampling, jacobian, progress, cancel):
@@ -284,15 +286,16 @@ class DiffDefSceneLogic:
     def compare(self, subject_volume, conditions: dict, subject_segmentation=None, bundle_path=None,
                 device: str = "auto", seed: int = 0, atlas=None, name: str | None = None, show: bool = True,
                 steps: int | None = None, guidance: float | None = None, samples: int | None = None,
-                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> CompareResult:
+                calibrate_volumes: bool = True, progress: ProgressFn | None = None,
+                cancel: CancelFn | None = None) -> CompareResult:
         """Register the subject to its condition-matched atlas (affine, then the learned deformable registration,
         :func:`diffdef.compare.compare_subject`) -> grid transform (subject into atlas space), log-Jacobian map
         (positive = subject larger, diverging colours, foreground of the slice views), table of metrics, and the
         subject resampled into atlas space. ``atlas``: a :class:`diffdef.generate.Atlas` (or a
         :class:`GenerateResult`) for these conditions, to skip generating it again; otherwise it is generated with
-        ``steps``, ``guidance`` and ``samples`` (None = the bundle's)."""
+        ``steps``, ``guidance`` and ``samples`` (None = the bundle's) and ``calibrate_volumes``."""
         t0 = time.perf_counter()
-        sampling = self._sampling(steps, guidance, samples)
+        sampling = self._sampling(steps, guidance, samples, calibrate_volumes)
         array, grid, labels, warnings = self.subject_arrays(subject_volume, subject_segmentation)
         gen = self.generator(bundle_path, device)
         warnings = self.validate_conditions(gen.spec, conditions) + warnings
@@ -373,8 +376,8 @@ class DiffDefSceneLogic:
     # ------------------------------------------------------------------------------------------- trajectory
     def trajectory(self, condition: str, values, fixed_conditions: dict | None = None, bundle_path=None,
                    device: str = "auto", seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                   samples: int | None = None, name: str | None = None, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> TrajectoryResult:
+                   samples: int | None = None, name: str | None = None, calibrate_volumes: bool = True,
+                   progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> TrajectoryResult:
         """Atlases for ``condition`` at each of ``values`` (the others fixed, same seed) -> a sequence of atlas
         volumes and one of label maps, indexed by the condition, and a sequence browser that plays them."""
         import slicer
@@ -386,7 +389,7 @@ class DiffDefSceneLogic:
         values = [float(v) for v in values]
         if len(values) < 2:
             raise DiffDefError("A trajectory needs at least two values.")
-        sampling = self._sampling(steps, guidance, samples)
+        sampling = self._sampling(steps, guidance, samples, calibrate_volumes)
         unit = next(c.unit for c in gen.spec.conditions if c.name == condition)
         warnings = []
         for v in values:

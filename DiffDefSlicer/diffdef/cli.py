@@ -90,6 +90,10 @@ def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
                         "1 = a single draw)")
     g.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight (default: the model's; 1 = none)")
+    g.add_argument("--no-volume-calibration", action="store_true",
+                   help="keep the decoder's own label volumes; by default a requested volume (e.g. "
+                        "--ventricle-volume) is met within 0.3 %% on the 1 mm grid by a small correction of the "
+                        "deformation that leaves brain tissue unchanged (the sidecar records both volumes)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     g.add_argument("--jacobian", action="store_true", help="also write the Jacobian determinant map")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -331,8 +335,10 @@ def _opt(args, name, default=None):
 
 
 def _sampling(args) -> dict:
-    """The sampling options given on the command line (the model's defaults for the others)."""
-    return {k: _opt(args, k) for k in ("steps", "guidance", "samples")}
+    """The sampling options given on the command line (the model's defaults for the others), and whether the
+    requested volumes are calibrated."""
+    return {**{k: _opt(args, k) for k in ("steps", "guidance", "samples")},
+            "calibrate_volumes": not _opt(args, "no_volume_calibration", False)}
 
 
 def _generator(args, timings: dict, conditions: dict | None = None, progress=None):

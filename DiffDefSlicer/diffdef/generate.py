@@ -11,6 +11,7 @@ import torch
 
 from . import fields, metrics
 from .bundle import NETWORKS, Bundle, load_bundle
+from .calibration import VolumeCalibrator
 from .geometry import Grid, displacement_to_mm
 from .sampling import Cancelled, sample_latents
 from .template import LABELS, load_template
@@ -37,9 +38,12 @@ class Atlas:
     interpolation of ``working_displacement_mm`` ((i, j, k, 3) RAS mm on ``working_grid``, where the velocity is
     integrated), so exporting the working-grid field loses nothing (ITK interpolates it the same way).
     ``velocity``: (1, 3, ...) on the working grid, working-grid voxels.
-    ``sampling``: the DDIM ``steps``, ``guidance`` and number of averaged latents ``samples`` that made it.
+    ``sampling``: the DDIM ``steps``, ``guidance`` and number of averaged latents ``samples`` that made it, and
+    ``calibrate_volumes``.
     ``folding_ratio``: % of working-grid voxels with det J <= 0 (where the map is integrated); with
-    ``jacobian`` the 1 mm det J map is kept and ``folding_ratio_1mm`` is measured on it as well."""
+    ``jacobian`` the 1 mm det J map is kept and ``folding_ratio_1mm`` is measured on it as well.
+    ``volume_calibration``: per requested volume condition, the decoder's volume and the calibrated one
+    (:class:`~diffdef.calibration.VolumeCalibrator`); empty when none was asked or calibration was off."""
 
     t1: np.ndarray
     labels: np.ndarray
@@ -57,6 +61,7 @@ class Atlas:
     folding_ratio_1mm: float | None = None
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    volume_calibration: dict = field(default_factory=dict)
 
 
 class AtlasGenerator:
@@ -71,6 +76,7 @@ class AtlasGenerator:
         self.template = load_template()
         self.spec = self.bundle.spec
         self.sampling = self.bundle.meta["sampling"]
+        self.calibrator = VolumeCalibrator(self.bundle, self.template)
 
     def velocity(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  samples: int | None = None, progress: Callable | None = None,
@@ -101,15 +107,27 @@ class AtlasGenerator:
         return velocity, values, warnings, used
 
     def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 samples: int | None = None, jacobian: bool = False, progress: Callable | None = None,
-                 cancel: Callable | None = None) -> Atlas:
-        """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``: see :meth:`velocity`."""
+                 samples: int | None = None, jacobian: bool = False, calibrate_volumes: bool = True,
+                 progress: Callable | None = None, cancel: Callable | None = None) -> Atlas:
+        """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``: see :meth:`velocity`. With
+        ``calibrate_volumes`` each requested volume condition is met on the 1 mm grid (:mod:`diffdef.calibration`);
+        without it the atlas keeps the decoder's own volumes."""
         timings = {}
         t0 = time.perf_counter()
         velocity, values, warnings, used = self.velocity(conditions, seed, steps, guidance, samples, progress, cancel)
         timings["sampling_and_decoding_s"] = time.perf_counter() - t0
         if cancel is not None and cancel():
             raise Cancelled("Generation was cancelled.")
+        calibration, used = {}, {**used, "calibrate_volumes": bool(calibrate_volumes)}
+        if calibrate_volumes:
+            if progress:
+                progress(0.82, "Calibrating the requested volumes")
+            t = time.perf_counter()
+            velocity, calibration = self.calibrator(velocity, values)
+            timings["volume_calibration_s"] = time.perf_counter() - t
+            warnings = warnings + [f"{n} = {c['requested_ml']:g} ml could not be met exactly: the atlas has "
+                                   f"{c['calibrated_ml']:.1f} ml (the decoder gave {c['decoder_ml']:.1f} ml)."
+                                   for n, c in calibration.items() if not c["converged"]]
         if progress:
             progress(0.85, "Integrating the velocity field")
         t = time.perf_counter()
@@ -136,7 +154,7 @@ class AtlasGenerator:
             working_displacement_mm=as_ijk3(disp_work, work), working_grid=work,
             jacobian=det[0, 0].cpu().numpy() if jacobian else None,
             folding_ratio_1mm=metrics.folding_ratio(det) if jacobian else None,
-            warnings=warnings, timings=timings)
+            warnings=warnings, timings=timings, volume_calibration=calibration)
         if progress:
             progress(1.0, "Done")
         return atlas

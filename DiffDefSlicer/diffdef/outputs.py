@@ -276,6 +276,7 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
                  "spacing_mm": np.round(atlas.grid.spacing, 4).tolist()},
         "labels": labels_table(),
         "label_volumes_ml": atlas.label_volumes_ml,
+        "volume_calibration": dict(atlas.volume_calibration),
         "folding_ratio": atlas.folding_ratio,
         "folding_ratio_grid": "working grid (where the velocity is integrated)",
         "folding_ratio_1mm": atlas.folding_ratio_1mm,
@@ -291,8 +292,9 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
 
 
 def _sampling_used(atlas) -> dict:
-    """The DDIM steps, guidance and averaged samples that made ``atlas`` (None where it does not say)."""
-    return {k: atlas.sampling.get(k) for k in ("steps", "guidance", "samples")}
+    """The DDIM steps, guidance and averaged samples that made ``atlas`` and whether its requested volumes were
+    calibrated (None where it does not say)."""
+    return {k: atlas.sampling.get(k) for k in ("steps", "guidance", "samples", "calibrate_volumes")}
 
 
 def _export_field(atlas):
@@ -410,7 +412,7 @@ def write_trajectory(frames: list, folder, varying: str, bundle=None, requested:
             "slice": {"plane": plane, "index_ras_display": int(slice_index)},
             "labels": labels_table(),
             "frames": [{"conditions": f.conditions, "label_volumes_ml": f.label_volumes_ml,
-                        "folding_ratio": f.folding_ratio, "warnings": list(f.warnings), "timings_s": dict(f.timings)}
+                        "volume_calibration": dict(f.volume_calibration), "folding_ratio": f.folding_ratio, "warnings": list(f.warnings), "timings_s": dict(f.timings)}
                        for f in frames],
             "writing_s": time.perf_counter() - t0,
             "files": {k: p.name for k, p in paths.items()},

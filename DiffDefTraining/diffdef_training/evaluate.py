@@ -8,7 +8,9 @@ For each condition of a grid (an age sweep with the ventricle volume at the law'
 sweep at one age; ages and volumes beyond the training range included), every method makes an atlas on the
 1 mm template grid, compared with the law's true atlas (``SyntheticLaw.true_atlas``):
 
-* methods: ``DiffDef`` (the model bundle), ``DiffDef, no MP loss`` (``--ablation``), ``MNI template``
+* methods: ``DiffDef`` (the model bundle, as ``diffdef generate`` runs it), ``DiffDef, no volume calibration``
+  (the same atlases with the decoder's own volumes, :mod:`diffdef.calibration` off), ``DiffDef, no MP loss``
+  (``--ablation``), ``MNI template``
   (identity), ``conventional`` (Gaussian-weighted neighbourhood of training subjects averaged by groupwise
   SimpleITK demons registration on the model's working grid, see :mod:`diffdef_training.baselines`),
   ``conventional, 1 mm`` (the same neighbourhood and settings on the 1 mm grid DiffDef's atlases are on, on
@@ -52,7 +54,8 @@ from diffdef.template import CROP_SIZE, CROP_START, GM, LABEL_NAMES, VENTRICLES,
 from . import baselines
 
 CONVENTIONAL_1MM = "conventional, 1 mm"
-METHODS = ("DiffDef", "DiffDef, no MP loss", "MNI template", "conventional", CONVENTIONAL_1MM, "intensity generation")
+UNCALIBRATED = "DiffDef, no volume calibration"
+METHODS = ("DiffDef", UNCALIBRATED, "DiffDef, no MP loss", "MNI template", "conventional", CONVENTIONAL_1MM, "intensity generation")
 REFERENCE = "true atlas"
 LABEL_KEYS = {1: "CSF", 2: "GM", 3: "WM", 4: "LV"}
 DEFAULT_AGES = (40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
@@ -334,7 +337,7 @@ def run_evaluation(s: EvalSettings) -> dict:
     conv_n = int(s.conventional_neighbours or ctx.n_neighbours)
     seeds = [int(x) for x in s.seeds]
     rows, examples = [], {}
-    total = sum(1 + len(seeds) * (("DiffDef" in methods) + (ablation is not None))
+    total = sum(1 + len(seeds) * (("DiffDef" in methods) + (UNCALIBRATED in methods) + (ablation is not None))
                 + ("MNI template" in methods) + (n in conv_idx) + (n in conv1_idx)
                 + ("intensity generation" in methods) * min(s.intensity_seeds, len(seeds)) for n in range(len(grid)))
     bar = tqdm(total=total, desc="evaluation", disable=not s.progress, file=sys.stderr)
@@ -356,12 +359,15 @@ def run_evaluation(s: EvalSettings) -> dict:
         truth = _truth(ctx, values)
         add(REFERENCE, cond, None, ctx.score(truth["t1"], truth["labels_full"], values, truth, truth["det"],
                                              with_overlap=False), 0.0, t1=truth["t1"], labels=truth["labels_full"])
-        for method, gen in (("DiffDef", ctx.generator if "DiffDef" in methods else None), ("DiffDef, no MP loss", ablation)):
+        for method, gen, calibrate in (("DiffDef", ctx.generator if "DiffDef" in methods else None, True),
+                                       (UNCALIBRATED, ctx.generator if UNCALIBRATED in methods else None, False),
+                                       ("DiffDef, no MP loss", ablation, True)):
             if gen is None:
                 continue
             for seed in seeds:
                 t = time.perf_counter()
-                atlas = gen.generate(values, seed=seed)  # timed as a user runs it: no Jacobian map
+                # timed as a user runs it: no Jacobian map
+                atlas = gen.generate(values, seed=seed, calibrate_volumes=calibrate)
                 seconds = time.perf_counter() - t
                 disp_mm = torch.from_numpy(atlas.displacement_mm).permute(3, 0, 1, 2)[None]
                 det = fields.jacobian_determinant(displacement_from_mm(disp_mm, atlas.grid))
@@ -654,7 +660,7 @@ def figures(result: dict, out: Path) -> list[str]:
         files.append(str(path))
     rows = result["rows"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    markers = dict(zip((REFERENCE, *METHODS), ("*", "o", "^", "s", "D", "P", "v")))
+    markers = dict(zip((REFERENCE, *METHODS), ("*", "o", "x", "^", "s", "D", "P", "v")))
     for method in (REFERENCE, *METHODS):
         sel = [r for r in rows if r["method"] == method]
         if not sel:

@@ -1,0 +1,78 @@
+"""Requested-volume calibration at generation time (diffdef.calibration), on the shipped model, whose decoder
+misses the requested ventricle volume at 40 years (outside its training ages) by more than 10 %."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from diffdef.bundle import BundleError, load_bundle
+from diffdef.calibration import VolumeCalibrator, bundle_volume_labels
+from diffdef.generate import AtlasGenerator
+
+FAST = {"steps": 5, "samples": 1, "seed": 0}
+LV, TISSUE = "lateral ventricles", ("gray matter", "white matter")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return AtlasGenerator(None, device="cpu")
+
+
+def _tissue(atlas):
+    return sum(atlas.label_volumes_ml[n] for n in TISSUE)
+
+
+def test_calibration_meets_the_requested_volume_and_keeps_the_tissue(shipped):
+    asked = {"age": 40, "ventricle_volume": 13.1}
+    own = shipped.generate(asked, calibrate_volumes=False, **FAST)
+    atlas = shipped.generate(asked, **FAST)
+    assert abs(own.label_volumes_ml[LV] / 13.1 - 1) > 0.05  # the decoder alone misses it here
+    assert abs(atlas.label_volumes_ml[LV] / 13.1 - 1) < 0.015  # the 1 mm label count the sidecar reports
+    assert abs(_tissue(atlas) / _tissue(own) - 1) < 0.002  # brain tissue held (its gradient is projected out)
+    assert atlas.folding_ratio == 0.0
+    report = atlas.volume_calibration["ventricle_volume"]
+    assert report["requested_ml"] == 13.1 and report["converged"] and 1 <= report["evaluations"] <= 6
+    assert abs(report["calibrated_ml"] / 13.1 - 1) < 0.003
+    assert abs(report["decoder_ml"] / own.label_volumes_ml[LV] - 1) < 0.03  # what the decoder alone made
+    assert atlas.sampling["calibrate_volumes"] is True and own.sampling["calibrate_volumes"] is False
+    assert own.volume_calibration == {} and "volume_calibration_s" in atlas.timings
+
+
+def test_without_a_requested_volume_nothing_changes(shipped):
+    own = shipped.generate({"age": 70}, calibrate_volumes=False, **FAST)
+    atlas = shipped.generate({"age": 70}, **FAST)
+    assert atlas.volume_calibration == {}
+    assert (atlas.labels == own.labels).all() and (atlas.velocity == own.velocity).all()
+
+
+def test_a_volume_out_of_reach_is_a_warning_and_does_not_fold(shipped):
+    atlas = shipped.generate({"age": 65, "ventricle_volume": 400}, **FAST)
+    report = atlas.volume_calibration["ventricle_volume"]
+    assert not report["converged"] and report["evaluations"] == 6
+    assert report["decoder_ml"] < report["calibrated_ml"] < 400  # it went as far as it could
+    assert any("400 ml could not be met exactly" in w for w in atlas.warnings)
+    assert atlas.folding_ratio == 0.0
+
+
+@pytest.mark.parametrize("decoder, needle", [
+    ({"volume_labels": {"sex": 4}}, "not a condition of the model"),
+    ({"volume_labels": {"ventricle_volume": 9}}, "not a template label"),
+    ({"volume_labels": {"ventricle_volume": 4}, "neighbourhood_volume_labels": [[2, "3"]]}, "not a template label"),
+])
+def test_bad_volume_labels_in_a_bundle_are_refused(decoder, needle):
+    bundle = load_bundle(networks_wanted=())
+    bundle.meta = copy.deepcopy(bundle.meta)
+    bundle.meta["provenance"]["config"]["decoder"].update(decoder)
+    with pytest.raises(BundleError, match=needle):
+        bundle_volume_labels(bundle)
+
+
+def test_a_bundle_without_volume_terms_is_not_calibrated(shipped):
+    bundle = load_bundle(networks_wanted=())
+    bundle.meta = copy.deepcopy(bundle.meta)
+    del bundle.meta["provenance"]["config"]
+    assert bundle_volume_labels(bundle) == ({}, [])
+    velocity = shipped.velocity({"age": 70, "ventricle_volume": 30}, steps=2, samples=1)[0]
+    same, report = VolumeCalibrator(bundle, shipped.template)(velocity, {"ventricle_volume": 30.0})
+    assert report == {} and same is velocity
