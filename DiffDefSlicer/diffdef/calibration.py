@@ -31,16 +31,17 @@ BOX_MARGIN_MM = 25  # around a label: room for it to grow (96 ml ventricles fit 
 
 
 @dataclass
-class _Counter:
+class LabelVolume:
     """A label group's volume in an atlas: its 1 mm template indicator warped trilinearly onto every other 1 mm
-    voxel of a box around it (an unbiased 1/8 sample of the 1 mm count; 8 times cheaper), differentiable."""
+    voxel of a box around it (an unbiased 1/8 sample of the 1 mm count, as the synthetic law's calibration; 8
+    times cheaper), differentiable. Also the decoder's training measure with ``decoder.volume_on_template_grid``."""
 
     indicator: torch.Tensor  # (1, 1, ...) on the template grid
     template_grid: Grid
     samples: Grid
 
     @classmethod
-    def around(cls, template: Template, labels: list[int], margin_mm: int) -> "_Counter":
+    def around(cls, template: Template, labels: list[int], margin_mm: int) -> "LabelVolume":
         mask = np.isin(template.labels, labels)
         ijk = np.argwhere(mask)
         lo = np.maximum(ijk.min(0) - margin_mm, 0)
@@ -51,8 +52,8 @@ class _Counter:
     def ml(self, disp: torch.Tensor, working_grid: Grid) -> torch.Tensor:
         """Volume (ml, 0-d tensor) in the atlas of working-grid displacement ``disp`` (1, 3, ...) voxels."""
         fine = fields.resample_displacement(disp, working_grid, self.samples)
-        indicator = self.indicator.to(disp)
-        return fields.warp_onto(indicator, self.template_grid, fine, self.samples).sum() * self.samples.voxel_volume_ml
+        self.indicator = self.indicator.to(disp)  # once per device and dtype (a no-op after)
+        return fields.warp_onto(self.indicator, self.template_grid, fine, self.samples).sum() * self.samples.voxel_volume_ml
 
 
 def bundle_volume_labels(bundle: Bundle) -> tuple[dict, list[list[int]]]:
@@ -80,8 +81,8 @@ class VolumeCalibrator:
         labels, held = bundle_volume_labels(bundle)
         self.working_grid = bundle.working_grid
         self.steps = int(bundle.meta["sampling"].get("integration_steps", fields.DEFAULT_INTEGRATION_STEPS))
-        self.targets = {name: _Counter.around(template, [label], BOX_MARGIN_MM) for name, label in labels.items()}
-        self.held = [_Counter.around(template, group, 4) for group in held]  # a structure that keeps its place
+        self.targets = {name: LabelVolume.around(template, [label], BOX_MARGIN_MM) for name, label in labels.items()}
+        self.held = [LabelVolume.around(template, group, 4) for group in held]  # a structure that keeps its place
         self._smooth = None
 
     def _smoothed(self, g: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,7 @@ class VolumeCalibrator:
             self._smooth = GaussianFilter(3, SMOOTHING_VOXELS, truncated=3.0, approx="sampled")
         return self._smooth.to(g.device)(g)
 
-    def _ml(self, counter: _Counter, velocity: torch.Tensor) -> float:
+    def _ml(self, counter: LabelVolume, velocity: torch.Tensor) -> float:
         with torch.no_grad():
             return float(counter.ml(fields.integrate_velocity(velocity, self.steps), self.working_grid))
 

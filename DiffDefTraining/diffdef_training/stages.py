@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffdef import fields
-from diffdef.geometry import Grid
+from diffdef.calibration import BOX_MARGIN_MM, LabelVolume
 from diffdef.networks import ConditionEmbedding, DeformationDecoder, RegistrationNet, build_autoencoder, \
     build_diffusion, build_scheduler, channels_last_on_cpu
 from diffdef.sampling import sample_latents
@@ -441,7 +441,8 @@ class DecoderObjective:
                                 cohort.spec.conditions[names.index(n)].sd) for n in cfg.decoder.volume_labels]
         self.volume_fractions = cohort.template_fractions[:, list(cfg.decoder.volume_labels.values())].to(device)
         self.voxel_ml = cohort.grid.voxel_volume_ml
-        self.fine_volume_labels = [self._fine_label(label, device) for label in cfg.decoder.volume_labels.values()] \
+        self.fine_volume_labels = [LabelVolume.around(load_template(), [label], BOX_MARGIN_MM)
+                                   for label in cfg.decoder.volume_labels.values()] \
             if cfg.decoder.volume_on_template_grid else None
         groups = neighbourhood_volume_groups(cfg.decoder)
         self.has_neighbourhood_volume = bool(groups)
@@ -466,20 +467,6 @@ class DecoderObjective:
         t1 = self.cohort.template_t1.to(self.device).expand(len(velocity), -1, -1, -1, -1)
         return fields.warp_image(t1, disp), disp
 
-    FINE_BOX_MARGIN_MM = 25  # around the template label: room for the atlas's label to grow (96 ml ventricles fit)
-
-    def _fine_label(self, label: int, device) -> tuple[torch.Tensor, object, object]:
-        """(1 mm indicator of ``label`` on the template grid, that grid, the sample points) for
-        :meth:`label_volumes`: every other 1 mm voxel along each axis of a box around the label (an unbiased
-        1/8 sample of the 1 mm count, as the synthetic law's calibration; 8 times cheaper than every voxel)."""
-        t = load_template()
-        ijk = np.argwhere(t.labels == label)
-        lo = np.maximum(ijk.min(0) - self.FINE_BOX_MARGIN_MM, 0)
-        size = (np.minimum(ijk.max(0) + self.FINE_BOX_MARGIN_MM + 1, t.grid.shape) - lo) // 2
-        samples = Grid(tuple(int(n) for n in size), t.grid.crop(lo, 2 * size).affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
-        indicator = torch.from_numpy(t.labels == label).float()[None, None].to(device)
-        return indicator, t.grid, samples
-
     def label_volumes(self, disp, which: list[int]) -> torch.Tensor:
         """Volumes (ml, (len(which),)) in the atlas made by ``disp`` (1, 3, ...) of the ``decoder.volume_labels``
         numbered ``which``: the warped working-grid fractions summed, or with ``volume_on_template_grid`` the 1 mm
@@ -488,12 +475,7 @@ class DecoderObjective:
         changes across a label's edge, as it does when the ventricles grow, their sum reads the change short."""
         if self.fine_volume_labels is None:
             return fields.warp_probabilities(self.volume_fractions[:, which], disp).sum(dim=(0, 2, 3, 4)) * self.voxel_ml
-        volumes = []
-        for v in which:
-            indicator, grid, samples = self.fine_volume_labels[v]
-            fine = fields.resample_displacement(disp, self.cohort.grid, samples)
-            volumes.append(fields.warp_onto(indicator, grid, fine, samples).sum() * samples.voxel_volume_ml)
-        return torch.stack(volumes)
+        return torch.stack([self.fine_volume_labels[v].ml(disp, self.cohort.grid) for v in which])
 
     def volume(self, disp, condition) -> tuple[torch.Tensor, list[float]]:
         """The volume term of one atlas (``disp`` (1, 3, ...), normalised ``condition`` (K,)) and the relative
