@@ -61,6 +61,8 @@ def test_metrics_finite_and_in_range(tiny_evaluation):
     # the barely trained decoder misses the requested volume; the calibrated atlas, as diffdef generate makes it, not
     uncalibrated = _rows(result, "DiffDef, no volume calibration")[0]
     assert abs(diffdef["ventricle_err_pct"]) < 3 < abs(uncalibrated["ventricle_err_pct"])
+    note = next(t["note"] for t in result["targets"] if t["target"].startswith("ventricle volume"))
+    assert f"the decoder alone (no volume calibration): max {abs(uncalibrated['ventricle_err_pct']):.1f} %" in note
 
 
 def test_conventional_at_1mm_uses_the_same_subjects(tiny_evaluation):
