@@ -98,14 +98,9 @@ class VolumeCalibrator:
                               f"at factor {factor}; re-export the bundle from its training run.")
         self.coarse = {name: fractions[:, [label]] for name, label in labels.items()}
         self.held = [fractions[:, group].sum(1, keepdim=True) for group in held]  # structures that keep their volume
-        self._smooth = None
+        from monai.networks.layers import GaussianFilter  # lazily, as every MONAI import here: not at import time
 
-    def _smoothed(self, g: torch.Tensor) -> torch.Tensor:
-        if self._smooth is None:
-            from monai.networks.layers import GaussianFilter
-
-            self._smooth = GaussianFilter(3, SMOOTHING_VOXELS, truncated=3.0, approx="sampled")
-        return self._smooth.to(g.device)(g)
+        self.smooth = GaussianFilter(3, SMOOTHING_VOXELS, truncated=3.0, approx="sampled")
 
     def _measure(self, counter: LabelVolume, velocity: torch.Tensor) -> tuple[float, bool]:
         """(volume ml on the 1 mm grid, whether the map folds) of ``velocity``, from one integration."""
@@ -122,9 +117,10 @@ class VolumeCalibrator:
         if not asked:
             return velocity, {}
         v = velocity.detach().float().clone().requires_grad_(True)
-        warped = fields.warp_probabilities(torch.cat([*(self.coarse[n] for n in asked), *self.held], 1).to(v),
-                                           fields.integrate_velocity(v, self.steps)).sum(dim=(0, 2, 3, 4))
-        grads = [self._smoothed(torch.autograd.grad(w, v, retain_graph=True)[0]) for w in warped]
+        coarse_volumes = fields.warp_probabilities(torch.cat([*(self.coarse[n] for n in asked), *self.held], 1).to(v),
+                                                   fields.integrate_velocity(v, self.steps)).sum(dim=(0, 2, 3, 4))
+        smooth = self.smooth.to(v.device)
+        grads = [smooth(torch.autograd.grad(w, v, retain_graph=True)[0]) for w in coarse_volumes]
         basis = []  # orthonormal: the held volumes' gradients, then each calibrated volume's direction, in turn
 
         def orthogonal(g):
@@ -140,7 +136,7 @@ class VolumeCalibrator:
             add_to_basis(orthogonal(g))
         base = velocity.detach().float()
         report = {}
-        for (name, target), g, coarse in zip(asked.items(), grads, warped):
+        for (name, target), g, coarse in zip(asked.items(), grads, coarse_volumes):
             direction = orthogonal(g)
             before, base_folds = self._measure(self.targets[name], base)
             ts, fs = [0.0], [math.log(before / target)]

@@ -152,34 +152,28 @@ def check_inputs(cfg: TrainConfig) -> None:
         read_manifest(cfg.cohort.source, cfg.cohort.conditions)
 
 
-def check_resumable(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
-    """Before any training: every stage in ``names`` that will resume must have a checkpoint that fits its
-    network and settings (raises :class:`diffdef_training.engine.CheckpointError`)."""
-    for name in names:
-        latest = out / name / "checkpoints" / "latest.pt"
-        if latest.exists():
-            with torch.random.fork_rng(devices=[]):  # building a network must not move the run's random stream
-                check_checkpoint(latest, name, builders[name](), cfg.stage(name))
-
-
-def check_fresh_start(cfg: TrainConfig, out: Path, builders: dict, names) -> None:
-    """Before a run without ``--resume``: refuse to start again a stage in ``names`` that never finished and whose
-    checkpoint ``--resume`` would continue (same network and settings), as step 0 would overwrite its steps.
-    A checkpoint of other settings, or of a stage that finished before its settings changed, is a retraining
-    the user asked for and is replaced as documented (raises :class:`diffdef_training.engine.CheckpointError`)."""
+def check_checkpoints(cfg: TrainConfig, out: Path, builders: dict, names, resume: bool) -> None:
+    """Before any training, the checkpoints of the stages in ``names`` (raises
+    :class:`diffdef_training.engine.CheckpointError`). With ``resume`` each must fit its network and settings.
+    Without, a stage that never finished and whose checkpoint ``--resume`` would continue is refused, as step 0
+    would overwrite its steps; a checkpoint of other settings, or of a stage that finished before its settings
+    changed, is a retraining the user asked for and is replaced as documented."""
     for name in names:
         d = out / name
         latest = d / "checkpoints" / "latest.pt"
-        if not latest.exists() or (d / "done.json").exists():
+        if not latest.exists() or (not resume and (d / "done.json").exists()):
             continue
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # building a network must not move the run's random stream
                 state = check_checkpoint(latest, name, builders[name](), cfg.stage(name))
         except CheckpointError:
+            if resume:
+                raise
             continue
-        raise CheckpointError(f"{latest} holds {int(state['step'])} of {cfg.stage(name).steps} steps of this {name} "
-                              f"training, which a start from step 0 would overwrite. Add --resume to continue it, "
-                              f"or delete {d} to train the stage from the start.")
+        if not resume:
+            raise CheckpointError(f"{latest} holds {int(state['step'])} of {cfg.stage(name).steps} steps of this "
+                                  f"{name} training, which a start from step 0 would overwrite. Add --resume to "
+                                  f"continue it, or delete {d} to train the stage from the start.")
 
 
 def stage_builders(cfg: TrainConfig) -> dict:
@@ -308,7 +302,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     if stale:
         raise ValueError(f"Stage {stale[0]} is not current in {out}; run it first (or list it in --stages).")
     to_train = [s for s in only if not current(s)]
-    (check_resumable if resume else check_fresh_start)(cfg, out, builders, to_train)
+    check_checkpoints(cfg, out, builders, to_train, resume)
     cohort = prepared_cohort(cfg, progress=progress and ctx.is_main)
 
     def stage(name, train_fn):
