@@ -5,8 +5,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from diffdef.fields import (compose, integrate_velocity, jacobian_determinant, one_hot, resample, resample_displacement,
-                            warp_image, warp_labels, warp_probabilities)
+from diffdef.fields import (compose, integrate_velocity, jacobian_determinant, one_hot, reach, resample,
+                            resample_displacement, warp_image, warp_image_and_labels, warp_labels, warp_probabilities)
 from diffdef.geometry import Grid, displacement_to_mm, to_sitk
 
 
@@ -97,6 +97,40 @@ def test_warp_labels_and_probabilities():
     # where the label map is locally constant, nearest and probabilistic agree
     sure = probs.max(1).values > 0.999
     assert torch.equal(probs.argmax(1)[sure], warped[:, 0][sure])
+
+
+@pytest.mark.parametrize("amplitude", [0.3, 2.5])
+def test_warp_within_the_support_equals_the_whole_warp(amplitude):
+    # an image and labels that are 0 outside a box, which touches the grid's k = 0 face (as the template's brainstem):
+    # restricted to the box grown by the displacement's reach, the warp is the whole grid's, bit for bit
+    shape = (18, 20, 16)
+    g = torch.Generator().manual_seed(3)
+    image = torch.zeros(1, 1, *shape)
+    image[..., 4:13, 5:15, 0:9] = torch.rand(1, 1, 9, 10, 9, generator=g) + 0.1
+    labels = (image * 4).floor().long()
+    u = smooth_field(shape, amplitude, seed=7, dtype=torch.float32)
+    support = (np.array([4, 5, 0]), np.array([12, 14, 8]))
+    whole = warp_image_and_labels(image, labels, u)
+    within = warp_image_and_labels(image, labels, u, support=support)
+    assert torch.equal(whole[0], within[0]) and torch.equal(whole[1], within[1])
+    assert torch.allclose(whole[0], warp_image(image, u), atol=1e-5)  # MONAI's warps, to rounding
+    assert (whole[1] == warp_labels(labels, u)).float().mean() > 0.999
+    assert (whole[0] != 0).any(dim=(0, 1, 2, 3)).nonzero().max() > 8  # the warp does move content past the box
+
+
+def test_reach_bounds_the_displacement_in_the_target_voxels():
+    u = torch.zeros(1, 3, 4, 5, 6, dtype=torch.float64)
+    u[0, 0, 1, 2, 3], u[0, 1, 0, 0, 0], u[0, 2, 3, 4, 5] = -2.2, 0.5, 3.0
+    assert reach(u).tolist() == [4, 2, 4]  # ceil(max |u|) + 1 per axis
+    coarse = Grid((4, 5, 6), affine(np.diag([4.0, 4.0, 2.0]), [0, 0, 0]))
+    fine = Grid((16, 20, 12), affine(np.diag([1.0, 1.0, 1.0]), [0, 0, 0]))
+    assert reach(u, coarse, fine).tolist() == [10, 3, 7]  # 8.8, 2 and 6 mm in 1 mm voxels
+    # an oblique source: a component mixes into every target axis, bounded by the absolute matrix
+    oblique = Grid((4, 5, 6), affine(4.0 * rotation(2, 0.3) @ rotation(0, 0.2), [0, 0, 0]))
+    bound = np.abs(np.linalg.inv(fine.affine[:3, :3]) @ oblique.affine[:3, :3]) @ np.array([2.2, 0.5, 3.0])
+    assert reach(u, oblique, fine).tolist() == (np.ceil(bound) + 1).astype(int).tolist()
+    resampled = resample_displacement(u, oblique, fine).abs().amax(dim=(0, 2, 3, 4)).numpy()
+    assert (resampled <= reach(u, oblique, fine) - 1 + 1e-9).all()
 
 
 def test_jacobian_analytic():

@@ -58,17 +58,44 @@ def warp_image(image: torch.Tensor, disp: torch.Tensor, padding: str = "border")
     return _warp("bilinear", padding)(image, disp)
 
 
-def warp_image_and_labels(image: torch.Tensor, labels: torch.Tensor, disp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`warp_image` and :func:`warp_labels` with one shared sampling grid (half the work at 1 mm)."""
+def reach(disp: torch.Tensor, src: Grid | None = None, dst: Grid | None = None) -> np.ndarray:
+    """Per axis of ``dst``, whole voxels that bound how far ``disp`` (``(B, 3, ...)`` voxels of ``src``) moves any
+    point, plus one for the interpolation's second tap: a pull-back warp's output at voxel x reads its source only
+    within this box around x. ``src`` and ``dst`` None: ``disp`` is already in the voxels that count. Resampling a
+    displacement trilinearly onto a finer grid cannot exceed this bound (its values are convex combinations)."""
+    biggest = disp.detach().abs().amax(dim=(0, *range(2, disp.ndim))).double().cpu().numpy()
+    if src is not None:
+        biggest = np.abs(np.linalg.inv(dst.affine[:3, :3]) @ src.affine[:3, :3]) @ biggest
+    return np.ceil(biggest).astype(int) + 1
+
+
+def warp_image_and_labels(image: torch.Tensor, labels: torch.Tensor, disp: torch.Tensor,
+                          support: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`warp_image` and :func:`warp_labels` with one shared sampling grid (half the work at 1 mm).
+
+    ``support``: ``(lo, hi)`` inclusive voxel corners outside which ``image`` and ``labels`` are 0 (the template's
+    head, :meth:`~diffdef.template.Template.support`). Only output voxels within :func:`reach` of it are sampled;
+    every other one reads 0 exactly, so the result is the same, for half the samples on the template."""
     check_displacement(disp)
-    grid = _warp("bilinear", "border").get_reference_grid(disp) + disp
+    shape = disp.shape[2:]
+    region = (slice(None),) * 3
+    if support is not None:
+        grow = reach(disp)
+        region = tuple(slice(max(int(lo) - g, 0), min(int(hi) + g, n - 1) + 1)
+                       for lo, hi, g, n in zip(*support, grow, shape))
+    sub = disp[(slice(None), slice(None)) + region]
+    offsets = torch.tensor([r.start or 0 for r in region], dtype=disp.dtype, device=disp.device)
+    grid = (_warp("bilinear", "border").get_reference_grid(sub) + offsets[:, None, None, None] + sub)
     grid = grid.permute(0, 2, 3, 4, 1)
-    for r, n in enumerate(disp.shape[2:]):
-        grid[..., r] = grid[..., r] * (2.0 / max(n - 1, 1)) - 1.0
-    grid = grid.flip(-1)  # (i, j, k) -> grid_sample's (x, y, z) = (k, j, i)
-    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    warped_labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="border", align_corners=True)
-    return warped, warped_labels.round().to(labels.dtype)
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=disp.dtype, device=disp.device)
+    grid = (grid * scale - 1.0).flip(-1)  # (i, j, k) -> grid_sample's (x, y, z) = (k, j, i)
+    warped = torch.zeros((*image.shape[:2], *shape), dtype=image.dtype, device=image.device)
+    warped_labels = torch.zeros((*labels.shape[:2], *shape), dtype=labels.dtype, device=labels.device)
+    warped[(slice(None), slice(None)) + region] = F.grid_sample(image, grid, mode="bilinear", padding_mode="border",
+                                                                align_corners=True)
+    warped_labels[(slice(None), slice(None)) + region] = F.grid_sample(
+        labels.float(), grid, mode="nearest", padding_mode="border", align_corners=True).round().to(labels.dtype)
+    return warped, warped_labels
 
 
 def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:

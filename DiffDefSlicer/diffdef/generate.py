@@ -140,7 +140,8 @@ class AtlasGenerator:
         t = time.perf_counter()
         with torch.no_grad():
             t1, labels = fields.warp_image_and_labels(self.template.t1_tensor().to(self.device),
-                                                      self.template.labels_tensor().to(self.device), disp)
+                                                      self.template.labels_tensor().to(self.device), disp,
+                                                      support=self.template.support())
             det = fields.jacobian_determinant(disp) if jacobian else None
         timings["warping_s"] = time.perf_counter() - t
         labels_np = labels[0, 0].cpu().numpy().astype(np.uint8)

@@ -77,6 +77,17 @@ class Template:
     def labels_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.labels.astype(np.int64))[None, None]
 
+    @functools.lru_cache(maxsize=1)
+    def support(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)``: inclusive (i, j, k) corners of the box outside which T1 and labels are 0 (the head)."""
+        inside = (self.t1 != 0) | (self.labels != 0)
+        lo, hi = [], []
+        for axis in range(3):
+            hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+            lo.append(hit[0])
+            hi.append(hit[-1])
+        return np.array(lo), np.array(hi)
+
     @functools.lru_cache(maxsize=4)
     def on_working_grid(self, factor: int = DEFAULT_FACTOR) -> tuple[torch.Tensor, torch.Tensor]:
         """(T1 ``(1, 1, ...)``, label fractions ``(1, L, ...)``) block-averaged onto the working grid."""
