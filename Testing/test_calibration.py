@@ -57,6 +57,19 @@ def test_a_volume_out_of_reach_is_a_warning_and_does_not_fold(shipped):
     assert atlas.folding_ratio == 0.0
 
 
+def test_a_request_of_0_ml_is_reported_not_met(shipped):
+    # 0 ml is a valid request (not negative), but no deformation empties the ventricles: the atlas keeps the
+    # decoder's, and says so
+    own = shipped.generate({"age": 65, "ventricle_volume": 0}, calibrate_volumes=False, **FAST)
+    atlas = shipped.generate({"age": 65, "ventricle_volume": 0}, **FAST)
+    report = atlas.volume_calibration["ventricle_volume"]
+    assert report == {"requested_ml": 0.0, "decoder_ml": pytest.approx(own.label_volumes_ml[LV], abs=0.002),
+                      "calibrated_ml": pytest.approx(own.label_volumes_ml[LV], abs=0.002), "evaluations": 0,
+                      "converged": False}
+    assert (atlas.labels == own.labels).all()
+    assert any("ventricle_volume = 0 ml could not be met exactly" in w for w in atlas.warnings)
+
+
 @pytest.mark.parametrize("decoder, needle", [
     ({"volume_labels": {"sex": 4}}, "not a condition of the model"),
     ({"volume_labels": {"ventricle_volume": 9}}, "not a template label"),

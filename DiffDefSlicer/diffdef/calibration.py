@@ -139,10 +139,13 @@ class VolumeCalibrator:
         """``velocity`` (1, 3, ...) working-grid voxels and ``{condition: ml}`` (None = not asked) -> the calibrated
         velocity and, per calibrated condition, ``requested_ml``, ``decoder_ml`` and ``calibrated_ml`` (the atlas
         label map's 1 mm count), ``evaluations`` and ``converged`` (within 0.3 %; False when the search stopped short,
-        e.g. where a larger step would fold the map)."""
-        asked = {n: float(v) for n, v in requested.items() if n in self.targets and v is not None and v > 0}
+        e.g. where a larger step would fold the map, and for a request of 0 ml, which is reported, not met)."""
+        asked = {n: float(v) for n, v in requested.items() if n in self.targets and v is not None}
+        empty = [n for n, v in asked.items() if v <= 0]  # no map empties a structure (nor has 0 ml a log ratio)
+        asked = {n: v for n, v in asked.items() if v > 0}
         if not asked:
-            return velocity, {}
+            decoded = fields.integrate_velocity(velocity.detach().float(), self.steps) if empty else None
+            return velocity, {n: self._not_calibrated(n, decoded, decoded) for n in empty}
         grads, coarse_volumes, decoded = self._gradients(
             velocity, torch.cat([*(self.coarse[n] for n in asked), *self.held], 1))
         basis = []  # orthonormal: the held volumes' gradients, then each calibrated volume's direction, in turn
@@ -185,4 +188,13 @@ class VolumeCalibrator:
             report[name] = {"requested_ml": target, "decoder_ml": own,
                             "calibrated_ml": target * math.exp(fs[best]), "evaluations": evaluations,
                             "converged": bool(abs(fs[best]) < TOLERANCE)}
+        if empty:
+            final = fields.integrate_velocity(base, self.steps)
+            report.update({n: self._not_calibrated(n, decoded, final) for n in empty})
         return base.to(velocity.dtype), report
+
+    def _not_calibrated(self, name: str, decoded: torch.Tensor, final: torch.Tensor) -> dict:
+        """The report of a request of 0 ml, which is left as the decoder (and any other calibration) made it."""
+        own = self._measure(self.targets[name], disp=decoded)[0]
+        return {"requested_ml": 0.0, "decoder_ml": own, "calibrated_ml": self._measure(self.targets[name], disp=final)[0],
+                "evaluations": 0, "converged": False}
