@@ -3,6 +3,8 @@ sampling, decoding, integration, warping, writing), with the split per stage.
 
   python benchmarks/bench_generate.py                       # the shipped model, 5 cold runs
   python benchmarks/bench_generate.py --model runs/tiny/bundle --runs 3 --threads 2
+  git worktree add /tmp/old <rev> && python benchmarks/bench_generate.py --compare-to /tmp/old
+                                                            # this code against <rev>'s, runs alternating
 
 The split comes from each run's sidecar (``atlas.json`` ``timings_s``): load = model bundle + template;
 sampling + decoding = DDIM steps and the deformation decoder (timed together by the core); calibration = meeting
@@ -10,6 +12,9 @@ the requested ventricle volume (:mod:`diffdef.calibration`; 0 when no volume is 
 scaling and squaring + resampling the displacement to 1 mm; warping = template T1 and labels + Jacobian;
 writing = all output files. "startup" is the rest of the wall time (Python and torch imports, argument parsing).
 CPU seconds (user + system of the child) are printed too: on a shared machine they are the stable figure.
+With ``--compare-to`` the runs alternate between this checkout's ``diffdef`` and another checkout's (put first on
+``PYTHONPATH``), and the medians of both and their ratio are printed: the one way to compare code on a machine whose
+speed drifts from hour to hour.
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--age", default="70")
     p.add_argument("--ventricle-volume", default="40")
     p.add_argument("--extra", default="", help="more diffdef generate flags, e.g. '--jacobian --steps 10'")
+    p.add_argument("--compare-to", help="another checkout of this repository (e.g. a git worktree of an older "
+                                        "revision): its diffdef runs alternating with this one's")
     a = p.parse_args(argv)
     cmd = [sys.executable, "-m", "diffdef.cli", "generate", "--age", a.age, "--ventricle-volume", a.ventricle_volume,
            "--device", "cpu", "--no-progress"]
@@ -67,20 +74,35 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
+    variants = {"this checkout": env}
+    if a.compare_to:
+        other = Path(a.compare_to).resolve() / "DiffDefSlicer"
+        if not (other / "diffdef" / "cli.py").is_file():
+            raise SystemExit(f"--compare-to {a.compare_to}: no DiffDefSlicer/diffdef/cli.py there; give the root of "
+                             "another checkout of this repository (git worktree add <folder> <revision>).")
+        variants[f"{a.compare_to}"] = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(other),
+                                                                                          env.get("PYTHONPATH")]))}
     print("command: " + " ".join(cmd) + " -o <fresh folder>")
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start")
-    rows = []
+    rows = {name: [] for name in variants}
     for n in range(a.runs):
-        rows.append(one_run(cmd, env))
-        print(f"  run {n + 1}/{a.runs}: {rows[-1]['total (wall)']:.2f} s wall, {rows[-1]['cpu (user+sys)']:.2f} s CPU",
-              flush=True)
-    keys = list(rows[0])
-    print(f"\n| stage | median (s) | min (s) | max (s) |\n|---|---:|---:|---:|")
-    for k in keys:
-        vals = [r[k] for r in rows]
-        print(f"| {k} | {statistics.median(vals):.2f} | {min(vals):.2f} | {max(vals):.2f} |")
-    print(f"\nmedian of {a.runs} cold runs: {statistics.median(r['total (wall)'] for r in rows):.2f} s wall "
-          f"(target < 10 s); load average {os.getloadavg()[0]:.1f} at the end")
+        for name, variant_env in variants.items():
+            rows[name].append(one_run(cmd, variant_env))
+            print(f"  run {n + 1}/{a.runs} ({name}): {rows[name][-1]['total (wall)']:.2f} s wall, "
+                  f"{rows[name][-1]['cpu (user+sys)']:.2f} s CPU", flush=True)
+    keys = list(rows["this checkout"][0])
+    for name, runs in rows.items():
+        print(f"\n{name}:\n| stage | median (s) | min (s) | max (s) |\n|---|---:|---:|---:|")
+        for k in keys:
+            vals = [r[k] for r in runs]
+            print(f"| {k} | {statistics.median(vals):.2f} | {min(vals):.2f} | {max(vals):.2f} |")
+    if a.compare_to:
+        print(f"\nmedians, this checkout / {a.compare_to}:")
+        for k in keys:
+            this, other = (statistics.median(r[k] for r in rows[n]) for n in variants)
+            print(f"  {k}: {this:.2f} / {other:.2f} s" + (f" = {this / other:.2f}" if other > 0 else ""))
+    print(f"\nmedian of {a.runs} cold runs: {statistics.median(r['total (wall)'] for r in rows['this checkout']):.2f} s "
+          f"wall (target < 10 s); load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 
