@@ -197,5 +197,5 @@ class VolumeCalibrator:
     def _not_calibrated(self, name: str, decoded: torch.Tensor, final: torch.Tensor) -> dict:
         """The report of a request of 0 ml, which is left as the decoder (and any other calibration) made it."""
         own = self._measure(self.targets[name], disp=decoded)[0]
-        return {"requested_ml": 0.0, "decoder_ml": own, "calibrated_ml": self._measure(self.targets[name], disp=final)[0],
-                "evaluations": 0, "converged": False}
+        atlas = own if final is decoded else self._measure(self.targets[name], disp=final)[0]
+        return {"requested_ml": 0.0, "decoder_ml": own, "calibrated_ml": atlas, "evaluations": 0, "converged": False}

@@ -89,13 +89,16 @@ def warp_image_and_labels(image: torch.Tensor, labels: torch.Tensor, disp: torch
     grid = grid.permute(0, 2, 3, 4, 1)
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=disp.dtype, device=disp.device)
     grid = (grid * scale - 1.0).flip(-1)  # (i, j, k) -> grid_sample's (x, y, z) = (k, j, i)
-    warped = torch.zeros((*image.shape[:2], *shape), dtype=image.dtype, device=image.device)
-    warped_labels = torch.zeros((*labels.shape[:2], *shape), dtype=labels.dtype, device=labels.device)
-    warped[(slice(None), slice(None)) + region] = F.grid_sample(image, grid, mode="bilinear", padding_mode="border",
-                                                                align_corners=True)
-    warped_labels[(slice(None), slice(None)) + region] = F.grid_sample(
-        labels.float(), grid, mode="nearest", padding_mode="border", align_corners=True).round().to(labels.dtype)
-    return warped, warped_labels
+    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    warped_labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="border",
+                                  align_corners=True).round().to(labels.dtype)
+    if support is None:
+        return warped, warped_labels
+    whole = (torch.zeros((*image.shape[:2], *shape), dtype=image.dtype, device=image.device),
+             torch.zeros((*labels.shape[:2], *shape), dtype=labels.dtype, device=labels.device))
+    for out, part in zip(whole, (warped, warped_labels)):
+        out[(slice(None), slice(None)) + region] = part
+    return whole
 
 
 def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
