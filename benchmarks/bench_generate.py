@@ -5,6 +5,8 @@ sampling, decoding, integration, warping, writing), with the split per stage.
   python benchmarks/bench_generate.py --model runs/tiny/bundle --runs 3 --threads 2
   git worktree add /tmp/old <rev> && python benchmarks/bench_generate.py --compare-to /tmp/old
                                                             # this code against <rev>'s, runs alternating
+  python benchmarks/bench_generate.py --compare-python /tmp/user-venv/bin/python
+                                                            # this venv against another install, alternating
 
 The split comes from each run's sidecar (``atlas.json`` ``timings_s``): load = model bundle + template;
 sampling + decoding = DDIM steps and the deformation decoder (timed together by the core); calibration = meeting
@@ -14,7 +16,9 @@ writing = all output files. "startup" is the rest of the wall time (Python and t
 CPU seconds (user + system of the child) are printed too: on a shared machine they are the stable figure.
 With ``--compare-to`` the runs alternate between this checkout's ``diffdef`` and another checkout's (put first on
 ``PYTHONPATH``), and the medians of both and their ratio are printed: the one way to compare code on a machine whose
-speed drifts from hour to hour.
+speed drifts from hour to hour. ``--compare-python`` does the same for another interpreter running this checkout,
+e.g. a virtual environment with only README's user install (no test or training extras: MONAI's import, which
+loads every optional package it finds, is then shorter).
 """
 from __future__ import annotations
 
@@ -65,28 +69,40 @@ def main(argv=None) -> int:
     p.add_argument("--extra", default="", help="more diffdef generate flags, e.g. '--jacobian --steps 10'")
     p.add_argument("--compare-to", help="another checkout of this repository (e.g. a git worktree of an older "
                                         "revision): its diffdef runs alternating with this one's")
+    p.add_argument("--compare-python", help="another Python interpreter (e.g. another virtual environment's "
+                                            "bin/python with this checkout installed): runs alternating with this one")
     a = p.parse_args(argv)
-    cmd = [sys.executable, "-m", "diffdef.cli", "generate", "--age", a.age, "--ventricle-volume", a.ventricle_volume,
+    args = ["-m", "diffdef.cli", "generate", "--age", a.age, "--ventricle-volume", a.ventricle_volume,
            "--device", "cpu", "--no-progress"]
     if a.model:
         cmd += ["--model", a.model]
-    cmd += a.extra.split()
+    args += a.extra.split()
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
-    variants = {"this checkout": env}
+    variants = {"this checkout": ([sys.executable] + args, env)}
     if a.compare_to:
         other = Path(a.compare_to).resolve() / "DiffDefSlicer"
         if not (other / "diffdef" / "cli.py").is_file():
             raise SystemExit(f"--compare-to {a.compare_to}: no DiffDefSlicer/diffdef/cli.py there; give the root of "
                              "another checkout of this repository (git worktree add <folder> <revision>).")
-        variants[f"{a.compare_to}"] = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(other),
-                                                                                          env.get("PYTHONPATH")]))}
-    print("command: " + " ".join(cmd) + " -o <fresh folder>")
+        variants[a.compare_to] = ([sys.executable] + args,
+                                  {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(other), env.get("PYTHONPATH")]))})
+    if a.compare_python:
+        python = shutil.which(a.compare_python) or a.compare_python
+        try:
+            imports = subprocess.run([python, "-c", "import diffdef"], capture_output=True).returncode == 0
+        except OSError:  # missing, or not executable
+            imports = False
+        if not imports:
+            raise SystemExit(f"--compare-python {a.compare_python}: not a Python interpreter that imports diffdef; give "
+                             "another environment's bin/python after `pip install -e <this checkout>` there.")
+        variants[a.compare_python] = ([python] + args, env)
+    print("command: python " + " ".join(args) + " -o <fresh folder>")
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start")
     rows = {name: [] for name in variants}
     for n in range(a.runs):
-        for name, variant_env in variants.items():
+        for name, (cmd, variant_env) in variants.items():
             rows[name].append(one_run(cmd, variant_env))
             print(f"  run {n + 1}/{a.runs} ({name}): {rows[name][-1]['total (wall)']:.2f} s wall, "
                   f"{rows[name][-1]['cpu (user+sys)']:.2f} s CPU", flush=True)
@@ -96,10 +112,10 @@ def main(argv=None) -> int:
         for k in keys:
             vals = [r[k] for r in runs]
             print(f"| {k} | {statistics.median(vals):.2f} | {min(vals):.2f} | {max(vals):.2f} |")
-    if a.compare_to:
-        print(f"\nmedians, this checkout / {a.compare_to}:")
+    for other_name in list(variants)[1:]:
+        print(f"\nmedians, this checkout / {other_name}:")
         for k in keys:
-            this, other = (statistics.median(r[k] for r in rows[n]) for n in variants)
+            this, other = (statistics.median(r[k] for r in rows[n]) for n in ("this checkout", other_name))
             print(f"  {k}: {this:.2f} / {other:.2f} s" + (f" = {this / other:.2f}" if other > 0 else ""))
     print(f"\nmedian of {a.runs} cold runs: {statistics.median(r['total (wall)'] for r in rows['this checkout']):.2f} s "
           f"wall (target < 10 s); load average {os.getloadavg()[0]:.1f} at the end")
