@@ -1006,9 +1006,9 @@ def test_generation_only_options_never_change_a_run():
 
     path = ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"
     cfg = load_config(path)
-    for samples in (1, 3, 16):
-        changed = load_config(path, {"sampling": {"samples": samples}})
-        assert changed.sampling.samples == samples
+    for samples, generation_guidance in ((1, 1.0), (3, 0.0), (16, 2.5)):
+        changed = load_config(path, {"sampling": {"samples": samples, "generation_guidance": generation_guidance}})
+        assert (changed.sampling.samples, changed.sampling.generation_guidance) == (samples, generation_guidance)
         assert changed.hash() == cfg.hash() and changed.hash("architecture", *_DEPENDS["decoder"]) == cfg.hash(
             "architecture", *_DEPENDS["decoder"])
         assert settings_key(changed.sampling) == settings_key(cfg.sampling)
@@ -1016,11 +1016,20 @@ def test_generation_only_options_never_change_a_run():
     for key in ("samples", "steps"):
         with pytest.raises(ConfigError, match=f"sampling.{key} must be >= 1"):
             load_config(path, {"sampling": {key: 0}})
+    assert load_config(path, {"sampling": {"guidance": 2.0}}).hash("sampling") != cfg.hash("sampling")  # the bank's
+    for key in ("guidance", "generation_guidance"):
+        with pytest.raises(ConfigError, match="must be >= 0"):
+            load_config(path, {"sampling": {key: -1.0}})
 
 
 def test_bundle_records_the_generation_default(tiny_bundle):
+    """The bundle's sampling defaults are the config's: ``samples``, and ``generation_guidance`` as the guidance
+    weight where it is set (else the latent bank's ``guidance``)."""
     meta = json.loads((tiny_bundle / "model.json").read_text())
-    assert meta["sampling"]["samples"] == meta["provenance"]["config"]["sampling"]["samples"] >= 1
+    config = meta["provenance"]["config"]["sampling"]
+    assert meta["sampling"]["samples"] == config["samples"] >= 1
+    assert (config["guidance"], config["generation_guidance"]) == (1.5, 1.0)  # tiny.yaml: the bank at 1.5
+    assert meta["sampling"]["guidance"] == 1.0
 
 
 def test_neighbourhood_volume_target_local_linear_and_own_width(small_cohort):

@@ -125,7 +125,8 @@ class DecoderConfig(StageConfig):
 @dataclass
 class SamplingConfig:
     steps: int = 20  # DDIM steps
-    guidance: float = 1.5  # classifier-free guidance scale
+    guidance: float = 1.5  # classifier-free guidance weight of the latent bank the decoder trains on, and of generation unless generation_guidance is set
+    generation_guidance: float = field(default=0.0, metadata=GENERATION_ONLY)  # guidance weight recorded in the bundle as the generation default, 0 = guidance; 1 runs the diffusion U-Net on half the batch (no unconditional pass): a decoder that receives the condition itself gave the same atlases with 1 as with the bank's 1.5 (docs/decoder-sweep.md, twenty-first round)
     integration_steps: int = 7  # scaling-and-squaring steps
     samples: int = field(default=8, metadata=GENERATION_ONLY)  # diffusion draws whose decoded velocities are averaged into one atlas (their log-Euclidean mean, an estimate of the condition's expected atlas rather than one draw of it); recorded in the bundle as the generation default, not used in training (docs/decoder-sweep.md, tenth round)
 
@@ -269,6 +270,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("steps", "samples"):
         if getattr(cfg.sampling, key) < 1:
             raise ConfigError(f"sampling.{key} must be >= 1, got {getattr(cfg.sampling, key)}.")
+    if cfg.sampling.guidance < 0 or cfg.sampling.generation_guidance < 0:
+        raise ConfigError(f"sampling.guidance and sampling.generation_guidance must be >= 0 (1: no guidance; "
+                          f"generation_guidance 0: the same as guidance), got {cfg.sampling.guidance} and "
+                          f"{cfg.sampling.generation_guidance}.")
     if cfg.decoder.neighbours < 1 or cfg.decoder.sigma <= 0:
         raise ConfigError("decoder.neighbours must be >= 1 and decoder.sigma > 0.")
     for name, label in cfg.decoder.volume_labels.items():

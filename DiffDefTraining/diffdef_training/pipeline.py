@@ -360,7 +360,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         "architecture": {**arch, "registration": stages.registration_architecture(cfg),
                          "decoder": stages.decoder_architecture(cfg)},
         "latent": {"shape": list(latents.shape[1:]), "scale_factor": scale},
-        "sampling": {"steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance,
+        "sampling": {"steps": cfg.sampling.steps, "guidance": cfg.sampling.generation_guidance or cfg.sampling.guidance,
                      "integration_steps": cfg.sampling.integration_steps, "samples": cfg.sampling.samples},
         "provenance": {
             "cohort": cfg.cohort.source, "cohort_size": len(cohort), "cohort_seed": cfg.cohort.seed,
