@@ -25,3 +25,11 @@ def test_compare_python_that_cannot_import_diffdef_is_refused(tmp_path):
     for python in (tmp_path / "missing" / "python", not_a_python):
         with pytest.raises(SystemExit, match="not a Python interpreter that imports diffdef"):
             _bench_generate().main(["--compare-python", str(python), "--runs", "1"])
+
+
+def test_the_model_asked_for_is_the_one_run(tmp_path):
+    """``--model`` reaches ``diffdef generate``: a folder without a bundle fails the first run with diffdef's own
+    message about it."""
+    with pytest.raises(SystemExit, match="run failed") as failure:
+        _bench_generate().main(["--model", str(tmp_path / "no-bundle"), "--runs", "1"])
+    assert "no-bundle" in str(failure.value)

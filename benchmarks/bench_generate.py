@@ -73,9 +73,9 @@ def main(argv=None) -> int:
                                             "bin/python with this checkout installed): runs alternating with this one")
     a = p.parse_args(argv)
     args = ["-m", "diffdef.cli", "generate", "--age", a.age, "--ventricle-volume", a.ventricle_volume,
-           "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress"]
     if a.model:
-        cmd += ["--model", a.model]
+        args += ["--model", a.model]
     args += a.extra.split()
     env = dict(os.environ)
     if a.threads:
