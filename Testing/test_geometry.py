@@ -135,3 +135,26 @@ def test_kji_round_trip():
     assert np.array_equal(from_kji(to_kji(v)), v)
     with pytest.raises(ValueError):
         to_kji(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("linear", [
+    np.diag([1.0, 1.0, 1.0]),                                      # RAS
+    np.diag([-1.0, -1.0, 1.0]),                                    # LPS
+    np.array([[0.0, 0.0, -2.0], [1.5, 0.0, 0.0], [0.0, -1.0, 0.0]]),  # permuted, flipped, anisotropic
+    rotation(2, 0.3) @ np.diag([-1.0, 1.0, 1.2]),                  # oblique by 17 degrees, LAS-like
+    rotation(2, np.pi / 4) @ rotation(0, 0.1),                     # 45 degrees: two voxel axes equally close to R
+])
+def test_to_ras_axes_points_every_axis_towards_r_a_s(linear):
+    """After :func:`to_ras_axes`, world R, A and S grow along the first, second and third array axis."""
+    from diffdef.geometry import to_ras_axes
+
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    grid = Grid((5, 6, 7), affine)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij"), axis=-1)
+    world = to_ras_axes(grid.voxel_to_world(ijk), grid)  # (.., .., .., 3) RAS mm, components stay last
+    for axis in range(3):
+        steps = np.diff(world[..., axis], axis=axis)
+        assert np.all(steps > 0), f"axis {axis} does not point towards {'RAS'[axis]}"
+    assert sorted(world.shape[:3]) == sorted(grid.shape)
+

@@ -10,6 +10,7 @@ Conventions used everywhere in DiffDef:
   the displacement exporters) flip x and y.
 * VTK / Slicer (``slicer.util.arrayFromVolume``, ``vtkImageData`` scalars) store voxels ``(k, j, i)``, like
   SimpleITK; only :func:`to_kji` / :func:`from_kji` cross that boundary (the Slicer module uses them).
+* Pictures (previews, the icon) show arrays reoriented by :func:`to_ras_axes` to axes towards R, A and S.
 * A :class:`Grid` is a shape plus a 4x4 voxel-to-RAS affine, voxel centres at integer indices.
 * Displacements inside the library are in *voxel units of their grid*, channels ``(di, dj, dk)``,
   in the pull-back convention: ``warped(x) = image(x + u(x))``. :func:`displacement_to_mm` /
@@ -49,6 +50,23 @@ def from_kji(array: np.ndarray) -> np.ndarray:
     if array.ndim not in (3, 4):
         raise ValueError(f"Expected a (k, j, i) or (k, j, i, C) array, got shape {array.shape}.")
     return np.ascontiguousarray(array.transpose((2, 1, 0) + tuple(range(3, array.ndim))))
+
+
+def to_ras_axes(array: np.ndarray, grid: "Grid") -> np.ndarray:
+    """View of ``array`` ``(i, j, k)`` on ``grid`` with its axes permuted and flipped so that they point, as
+    nearly as the grid's direction allows, towards R, A and S (no resampling; for display only)."""
+    linear = grid.affine[:3, :3]
+    closeness = np.abs(linear / np.linalg.norm(linear, axis=0))  # (world axis, voxel axis) direction cosines
+    order = [0, 0, 0]
+    for _ in range(3):  # greedy: the closest pair first, so that even 45 degrees gives each axis one voxel axis
+        world_axis, voxel_axis = np.unravel_index(int(np.argmax(closeness)), closeness.shape)
+        order[world_axis] = int(voxel_axis)
+        closeness[world_axis, :] = closeness[:, voxel_axis] = -1.0
+    out = np.transpose(np.asarray(array), order + list(range(3, np.ndim(array))))
+    for axis, voxel_axis in enumerate(order):
+        if linear[axis, voxel_axis] < 0:
+            out = np.flip(out, axis)
+    return out
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import __version__
-from .geometry import Grid
+from .geometry import Grid, to_ras_axes
 from .io import atomic_path, write_displacement_itk, write_image
 from .template import LABELS, TEMPLATE_ID
 
@@ -157,26 +157,7 @@ def _write_json(path: Path, data: dict) -> None:
 # Pictures
 
 
-def _display_orientation(grid: Grid):
-    """(axis order, flips) that bring (i, j, k) arrays to (R, A, S)-increasing display axes."""
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(grid.affine)
-    order = [int(np.where(ornt[:, 0] == ax)[0][0]) for ax in range(3)]
-    flips = [ornt[order[ax], 1] < 0 for ax in range(3)]
-    return order, flips
-
-
-def _to_ras_display(array: np.ndarray, grid: Grid) -> np.ndarray:
-    order, flips = _display_orientation(grid)
-    out = np.transpose(array, order)
-    for ax, flip in enumerate(flips):
-        if flip:
-            out = np.flip(out, ax)
-    return out
-
-
-def _focus(labels_ras: np.ndarray) -> tuple[int, int, int]:
+def focus(labels_ras: np.ndarray) -> tuple[int, int, int]:
     """Slice positions: centre of the lateral ventricles when present, else of the labelled brain."""
     from .template import VENTRICLES
 
@@ -188,70 +169,105 @@ def _focus(labels_ras: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(round(float(np.mean(idx)))) for idx in np.nonzero(mask))
 
 
-def _slices(t1_ras, labels_ras, focus):
-    x, y, z = focus
-    return [("sagittal", t1_ras[x, :, :].T, labels_ras[x, :, :].T),
-            ("coronal", t1_ras[:, y, :].T, labels_ras[:, y, :].T),
-            ("axial", t1_ras[:, :, z].T, labels_ras[:, :, z].T)]
+PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
-def _draw_contours(ax, lab2d):
-    for value, name, rgb in LABELS[1:]:
-        m = (lab2d == value).astype(np.float32)
-        if m.any():
-            ax.contour(m, levels=[0.5], colors=[rgb], linewidths=0.7, origin="lower")
+def display_slice(volume_ras: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """Slice ``index`` of a volume on (R, A, S)-increasing axes as a picture: rows from top to bottom, columns from
+    left to right. Sagittal: anterior on the right, superior at the top; coronal and axial: neurological (the
+    subject's right on the right), superior / anterior at the top."""
+    return np.take(volume_ras, index, axis=PLANES[plane]).T[::-1]
 
 
-def render_preview(t1: np.ndarray, labels: np.ndarray, grid: Grid, title: str = "") -> bytes:
-    """PNG bytes: sagittal, coronal and axial slices (neurological display, R on the right) with label contours."""
-    import matplotlib
+def label_edges(labels2d: np.ndarray) -> np.ndarray:
+    """Pixels whose label differs from one of their four neighbours (both sides of every boundary)."""
+    edge = np.zeros(labels2d.shape, dtype=bool)
+    rows, cols = labels2d[1:, :] != labels2d[:-1, :], labels2d[:, 1:] != labels2d[:, :-1]
+    edge[1:, :] |= rows
+    edge[:-1, :] |= rows
+    edge[:, 1:] |= cols
+    edge[:, :-1] |= cols
+    return edge
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    t1_ras, lab_ras = _to_ras_display(t1, grid), _to_ras_display(labels, grid)
-    focus = _focus(lab_ras)
-    fig = Figure(figsize=(10.5, 4.0), dpi=100)
+def paint_label_edges(rgb: np.ndarray, labels2d: np.ndarray) -> np.ndarray:
+    """Paint, in place, the boundary pixels of each label of ``labels2d`` in its colour of
+    :data:`diffdef.template.LABELS` onto ``rgb`` ((rows, cols, 3) uint8 of the same size); returns the edge mask.
+    Voxel-exact boundaries rather than interpolated iso-lines: the preview shows the label map as written."""
+    edge = label_edges(labels2d)
+    for value, _, colour in LABELS[1:]:
+        rgb[edge & (labels2d == value)] = np.round(np.asarray(colour) * 255).astype(np.uint8)
+    return edge
+
+
+def _panel(t1_slice: np.ndarray, label_slice: np.ndarray, vmax: float, scale: int) -> np.ndarray:
+    """(rows * scale, cols * scale, 3) uint8: the grey T1 slice (0..vmax) enlarged ``scale`` times (nearest), with
+    its label boundaries."""
+    grey = np.round(np.clip(t1_slice / vmax, 0.0, 1.0) * 255).astype(np.uint8)
+    grey, labels = (np.repeat(np.repeat(a, scale, axis=0), scale, axis=1) for a in (grey, label_slice))
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    paint_label_edges(rgb, labels)
+    return rgb
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _captioned(panels: list[np.ndarray], title: str, captions: list[str] | None = None, legend: bool = False,
+               gap: int = 6):
+    """PIL image: ``panels`` side by side (centred vertically), ``title`` above, optional captions above each
+    panel and a legend of the label colours below."""
+    from PIL import Image, ImageDraw
+
+    font, small = _font(15), _font(12)
+    top = 26 + (18 if captions else 0)
+    bottom = 24 if legend else 4
+    width = sum(p.shape[1] for p in panels) + gap * (len(panels) + 1)
+    tallest = max(p.shape[0] for p in panels)
+    height = tallest + top + bottom
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((width / 2, 13), title, fill="black", font=font, anchor="mm")
+    x = gap
+    for n, panel in enumerate(panels):
+        canvas.paste(Image.fromarray(panel, "RGB"), (x, top + (tallest - panel.shape[0]) // 2))
+        if captions:
+            draw.text((x + panel.shape[1] / 2, top - 9), captions[n], fill="black", font=small, anchor="mm")
+        x += panel.shape[1] + gap
+    if legend:
+        names = [(name, tuple(int(round(c * 255)) for c in colour)) for _, name, colour in LABELS[1:]]
+        widths = [14 + 6 + draw.textlength(name, font=small) + 18 for name, _ in names]
+        x, y = (width - sum(widths)) / 2, height - bottom / 2
+        for (name, colour), w in zip(names, widths):
+            draw.rectangle([x, y - 5, x + 14, y + 5], fill=colour, outline="black")
+            draw.text((x + 20, y), name, fill="black", font=small, anchor="lm")
+            x += w
+    return canvas
+
+
+def render_preview(t1: np.ndarray, labels: np.ndarray, grid: Grid, title: str = "", scale: int = 2) -> bytes:
+    """PNG bytes: sagittal, coronal and axial slices through the lateral ventricles (neurological display, the
+    subject's right on the right), enlarged ``scale`` times, with label boundaries and a legend."""
+    t1_ras, lab_ras = to_ras_axes(t1, grid), to_ras_axes(labels, grid)
+    centre = focus(lab_ras)
     vmax = float(np.percentile(t1, 99.5)) or 1.0
-    axes = fig.subplots(1, 3)
-    for ax, (name, img, lab) in zip(axes, _slices(t1_ras, lab_ras, focus)):
-        ax.imshow(img, cmap="gray", origin="lower", vmin=0.0, vmax=vmax, interpolation="nearest")
-        _draw_contours(ax, lab)
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    handles = [Line2D([0], [0], color=rgb, lw=2, label=name) for _, name, rgb in LABELS[1:]]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.1, wspace=0.03)
+    planes = list(PLANES)
+    panels = [_panel(display_slice(t1_ras, p, centre[PLANES[p]]), display_slice(lab_ras, p, centre[PLANES[p]]),
+                     vmax, scale) for p in planes]
     buf = _io.BytesIO()
-    fig.savefig(buf, format="png")
+    _captioned(panels, title, captions=planes, legend=True).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _frame_image(t1: np.ndarray, labels: np.ndarray, grid: Grid, plane: str, index: int | None, text: str):
-    """One RGB frame (PIL image) of a fixed slice with label contours and a caption."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from PIL import Image
-
-    t1_ras, lab_ras = _to_ras_display(t1, grid), _to_ras_display(labels, grid)
-    axis = {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
-    img = np.take(t1_ras, index, axis=axis).T
-    lab = np.take(lab_ras, index, axis=axis).T
-    fig = Figure(figsize=(img.shape[1] / 60 + 0.2, img.shape[0] / 60 + 0.5), dpi=100)
-    ax = fig.add_axes([0.0, 0.0, 1.0, 0.9])
-    ax.imshow(img, cmap="gray", origin="lower", vmin=0.0, vmax=1.0, interpolation="nearest")
-    _draw_contours(ax, lab)
-    ax.set_axis_off()
-    fig.text(0.5, 0.95, text, ha="center", va="center", fontsize=9)
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+def _frame_image(t1: np.ndarray, labels: np.ndarray, grid: Grid, plane: str, index: int, text: str,
+                 scale: int = 2):
+    """One RGB frame (PIL image) of a fixed slice with label boundaries and a caption."""
+    t1_ras, lab_ras = to_ras_axes(t1, grid), to_ras_axes(labels, grid)
+    panel = _panel(display_slice(t1_ras, plane, index), display_slice(lab_ras, plane, index), 1.0, scale)
+    return _captioned([panel], text)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,9 +387,8 @@ def write_trajectory(frames: list, folder, varying: str, bundle=None, requested:
         _run_parallel([lambda: write_image(tmp["t1"], t1_4d, grid, overwrite=True),
                        lambda: write_image(tmp["labels"], lab_4d, grid, overwrite=True)])
         del t1_4d, lab_4d
-        axis = {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
         if slice_index is None:
-            slice_index = _focus(_to_ras_display(frames[0].labels, grid))[axis]
+            slice_index = focus(to_ras_axes(frames[0].labels, grid))[PLANES[plane]]
         images = []
         for n, f in enumerate(frames):
             value = f.conditions.get(varying)

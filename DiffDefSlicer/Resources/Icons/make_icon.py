@@ -18,15 +18,18 @@ ROOT = HERE.parents[2]
 SIZE = 128
 
 
-def icon_from_atlas(t1: np.ndarray, labels: np.ndarray, colours: dict, size: int = SIZE) -> np.ndarray:
-    """(size, size, 4) uint8 RGBA: the axial slice through the lateral ventricles' centre, brain cropped, label
-    boundaries drawn in the label colours, transparent outside the brain."""
+def icon_from_atlas(t1: np.ndarray, labels: np.ndarray, grid, size: int = SIZE) -> np.ndarray:
+    """(size, size, 4) uint8 RGBA: the axial slice through the lateral ventricles' centre (anterior at the top, the
+    subject's right on the right), brain cropped, label boundaries drawn in the label colours, transparent outside
+    the brain. ``grid``: the :class:`diffdef.geometry.Grid` of both arrays."""
     from PIL import Image
 
-    vent = np.argwhere(labels == 4)
-    k = int(np.median(vent[:, 2])) if len(vent) else labels.shape[2] // 2
-    t = t1[:, :, k].T[::-1]  # rows = anterior..posterior from the top, columns = i (radiological-free view)
-    lab = labels[:, :, k].T[::-1]
+    from diffdef.geometry import to_ras_axes
+    from diffdef.outputs import display_slice, focus, paint_label_edges
+
+    t1_ras, lab_ras = to_ras_axes(t1, grid), to_ras_axes(labels, grid)
+    k = focus(lab_ras)[2]
+    t, lab = display_slice(t1_ras, "axial", k), display_slice(lab_ras, "axial", k)
     rows, cols = np.nonzero(lab)
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     side = max(r1 - r0, c1 - c0) + 4
@@ -35,19 +38,10 @@ def icon_from_atlas(t1: np.ndarray, labels: np.ndarray, colours: dict, size: int
     t, lab = t[sl], lab[sl]
     grey = np.clip(t / max(float(np.percentile(t[lab > 0], 99.5)), 1e-6), 0, 1)
     rgb = (np.repeat(grey[..., None], 3, axis=2) * 255).astype(np.uint8)
-    rgb_img = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    out = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)).copy()
     lab_img = np.asarray(Image.fromarray(lab.astype(np.uint8)).resize((size, size), Image.NEAREST))
-    out = np.asarray(rgb_img).copy()
-    edge = np.zeros_like(lab_img, dtype=bool)
-    edge[1:, :] |= lab_img[1:, :] != lab_img[:-1, :]
-    edge[:, 1:] |= lab_img[:, 1:] != lab_img[:, :-1]
-    for value, colour in colours.items():
-        if value == 0:
-            continue
-        m = edge & (lab_img == value)
-        out[m] = (np.asarray(colour) * 255).astype(np.uint8)
+    paint_label_edges(out, lab_img)
     alpha = np.where(lab_img > 0, 255, 0).astype(np.uint8)
-    alpha[edge] = 255
     return np.dstack([out, alpha])
 
 
@@ -55,8 +49,6 @@ def main(argv=None) -> list[Path]:
     from PIL import Image
 
     from diffdef.generate import AtlasGenerator
-    from diffdef.template import LABELS
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=None, help="model bundle folder (default: the shipped model)")
     parser.add_argument("--output", nargs="*", default=[str(HERE / "DiffDef.png"), str(ROOT / "DiffDef.png")])
@@ -65,7 +57,7 @@ def main(argv=None) -> list[Path]:
     gen = AtlasGenerator(args.bundle, device="cpu")
     conditions = {c.name: (c.low + c.high) / 2 for c in gen.spec.conditions}
     atlas = gen.generate(conditions, seed=args.seed)
-    icon = icon_from_atlas(atlas.t1, atlas.labels, {v: c for v, _, c in LABELS})
+    icon = icon_from_atlas(atlas.t1, atlas.labels, atlas.grid)
     written = []
     for path in args.output:
         Image.fromarray(icon, "RGBA").save(path)
