@@ -203,3 +203,16 @@ def test_atomic_outputs_get_the_permissions_of_a_plain_open(tmp_path):
         os.umask(umask)
     for name in ("w.safetensors", "t.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("factor", [3, 4])
+def test_template_label_fractions_are_the_pooled_one_hot(factor):
+    """The working grid's label fractions, counted block by block on the uint8 labels, equal the average pooling
+    of the float one-hot to the last bit (3 does not divide the crop: partial blocks are dropped as pooling does)."""
+    from diffdef.template import CROP_SIZE, CROP_START, NUM_LABELS, load_template
+
+    template = load_template()
+    crop = tuple(slice(s, s + n) for s, n in zip(CROP_START, CROP_SIZE))
+    onehot = F.one_hot(torch.from_numpy(template.labels[crop].astype(np.int64)), NUM_LABELS)
+    expected = F.avg_pool3d(onehot.permute(3, 0, 1, 2)[None].float(), factor)
+    assert torch.equal(template.on_working_grid(factor)[1], expected)
