@@ -13,7 +13,7 @@ import torch
 
 from diffdef import fields, outputs
 from diffdef.cli import main
-from diffdef.geometry import displacement_from_mm, from_sitk, to_sitk
+from diffdef.geometry import Grid, displacement_from_mm, from_sitk, to_sitk
 from diffdef.io import read_displacement_itk
 from diffdef.template import load_template
 
@@ -265,6 +265,23 @@ def test_bad_conditions_exit_2_listing_valid_names(tiny_bundle, tmp_path, capsys
 def test_bad_ranges_exit_2(tiny_bundle, tmp_path, capsys, argv, needle):
     code, _, err = run(capsys, *argv, "--model", tiny_bundle, *FAST, "-o", tmp_path / "o")
     assert code == 2 and needle in err, err
+
+
+@pytest.mark.parametrize("plane, index", [("coronal", -1), ("axial", 999)])
+def test_a_slice_outside_the_grid_is_refused_before_generating(tiny_bundle, tmp_path, capsys, plane, index):
+    code, out, err = run(capsys, "trajectory", "--model", tiny_bundle, "--age", "50:55:5", "--plane", plane,
+                         "--slice", index, *FAST, "-o", tmp_path / "o")
+    assert code == 2 and f"Slice {index} is outside the {plane} slices" in err and "0 to " in err, err
+    assert not (tmp_path / "o").exists() and "written" not in out
+
+
+def test_slice_count_follows_the_grid_orientation():
+    """The slices of a plane are counted on the axis nearest its normal: a permuted grid has other counts."""
+    grid = Grid((30, 40, 50), np.array([[0.0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]))  # i->A, j->S, k->R
+    for plane, count in {"sagittal": 50, "coronal": 30, "axial": 40}.items():
+        outputs.check_slice_index(grid, plane, count - 1)
+        with pytest.raises(ValueError, match=f"use 0 to {count - 1}"):
+            outputs.check_slice_index(grid, plane, count)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])

@@ -383,7 +383,8 @@ def cmd_generate(args, spec) -> int:
 
 def cmd_trajectory(args, spec) -> int:
     from .conditions import ConditionError
-    from .outputs import check_targets, trajectory_paths, write_trajectory
+    from .outputs import check_slice_index, check_targets, trajectory_paths, write_trajectory
+    from .template import load_template
 
     fixed, name, values = collect_conditions(args, spec, range_ok=True)
     if name is None:
@@ -392,6 +393,11 @@ def cmd_trajectory(args, spec) -> int:
     out = Path(args.output)
     paths = trajectory_paths(out, args.prefix)
     check_targets(paths.values(), _opt(args, "overwrite", False))
+    if args.slice_index is not None:  # before minutes of generation, not after
+        try:
+            check_slice_index(load_template().grid, args.plane, args.slice_index)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     timings = {}
     progress = Progress(not _opt(args, "no_progress", False), f"trajectory ({len(values)} atlases)")
     try:

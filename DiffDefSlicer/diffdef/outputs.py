@@ -181,6 +181,15 @@ def display_slice(volume_ras: np.ndarray, plane: str, index: int) -> np.ndarray:
     return volume_ras[tuple(cut)].T[::-1]  # a view: np.take would copy the whole volume
 
 
+def check_slice_index(grid: Grid, plane: str, index: int) -> None:
+    """Raise ValueError unless ``index`` is a slice of ``grid`` in ``plane`` (the order of :func:`display_slice`)."""
+    count = to_ras_axes(np.broadcast_to(np.uint8(0), grid.shape), grid).shape[PLANES[plane]]  # no voxels made
+    if not 0 <= index < count:
+        start = {"sagittal": "left", "coronal": "back", "axial": "feet"}[plane]
+        raise ValueError(f"Slice {index} is outside the {plane} slices of the atlas grid: use 0 to {count - 1} "
+                         f"(counted from the subject's {start}), or omit --slice for the one through the ventricles.")
+
+
 def label_edges(labels2d: np.ndarray) -> np.ndarray:
     """Pixels whose label differs from one of their four neighbours (both sides of every boundary)."""
     edge = np.zeros(labels2d.shape, dtype=bool)
@@ -194,12 +203,11 @@ def label_edges(labels2d: np.ndarray) -> np.ndarray:
 
 def paint_label_edges(rgb: np.ndarray, labels2d: np.ndarray) -> np.ndarray:
     """Paint, in place, the boundary pixels of each label of ``labels2d`` in its colour of
-    :data:`diffdef.template.LABELS` onto ``rgb`` ((rows, cols, 3) uint8 of the same size); returns the edge mask.
-    Voxel-exact boundaries rather than interpolated iso-lines: the preview shows the label map as written."""
+    :data:`diffdef.template.LABELS` onto ``rgb`` ((rows, cols, 3) uint8 of the same size). Voxel-exact
+    boundaries rather than interpolated iso-lines: the preview shows the label map as written."""
     edge = label_edges(labels2d)
     for value, _, colour in LABELS[1:]:
         rgb[edge & (labels2d == value)] = np.round(np.asarray(colour) * 255).astype(np.uint8)
-    return edge
 
 
 def _panel(t1_slice: np.ndarray, label_slice: np.ndarray, vmax: float, scale: int) -> np.ndarray:
@@ -391,6 +399,7 @@ def write_trajectory(frames: list, folder, varying: str, bundle=None, requested:
         del t1_4d, lab_4d
         if slice_index is None:
             slice_index = focus(to_ras_axes(frames[0].labels, grid))[PLANES[plane]]
+        check_slice_index(grid, plane, slice_index)
         images = []
         for n, f in enumerate(frames):
             value = f.conditions.get(varying)
