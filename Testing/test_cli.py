@@ -367,3 +367,20 @@ def test_compare_writes_every_output(tiny_bundle, tmp_path, capsys):
     assert len(rows) == 4 and all(float(r["dice"]) > 0.9 for r in rows)
     img = nib.load(str(tmp_path / "cmp" / "compare_log_jacobian.nii.gz"))
     assert img.shape == template.grid.shape and np.allclose(img.affine, template.grid.affine, atol=1e-5)
+
+
+def test_the_console_entry_exits_with_mains_status_and_flushed_output(tiny_bundle, tmp_path):
+    """``python -m diffdef.cli`` ends with ``os._exit`` (no interpreter teardown): the exit status is main's and
+    everything printed reaches the pipe, for a refusal (2) and a trajectory that writes files (0)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "diffdef.cli"]
+    refused = subprocess.run(command + ["generate", "--model", str(tiny_bundle), "--age", "nan", "-o", str(tmp_path / "r")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "finite number" in refused.stderr and not (tmp_path / "r").exists()
+    done = subprocess.run(command + ["trajectory", "--model", str(tiny_bundle), "--age", "50:55:5", *FAST,
+                                     "-o", str(tmp_path / "t")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith(f"written to {tmp_path / 't'}/")
+    assert json.loads((tmp_path / "t" / "trajectory.json").read_text())["varying"] == "age"
