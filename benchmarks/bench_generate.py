@@ -12,7 +12,7 @@ The split comes from each run's sidecar (``atlas.json`` ``timings_s``): load = m
 sampling + decoding = DDIM steps and the deformation decoder (timed together by the core); calibration = meeting
 the requested ventricle volume (:mod:`diffdef.calibration`; 0 when no volume is asked); integration =
 scaling and squaring + resampling the displacement to 1 mm; warping = template T1 and labels + Jacobian;
-writing = all output files. "startup" is the rest of the wall time (Python and torch imports, argument parsing).
+writing = all output files. "startup" is the rest of the wall time (Python and torch imports, argument parsing, exit).
 CPU seconds (user + system of the child) are printed too: on a shared machine they are the stable figure.
 With ``--compare-to`` the runs alternate between this checkout's ``diffdef`` and another checkout's (put first on
 ``PYTHONPATH``), and the medians of both and their ratio are printed: the one way to compare code on a machine whose
