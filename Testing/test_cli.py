@@ -376,8 +376,8 @@ def test_the_console_entry_exits_with_mains_status_and_flushed_output(tiny_bundl
     import sys
 
     command = [sys.executable, "-m", "diffdef.cli"]
-    refused = subprocess.run(command + ["generate", "--model", str(tiny_bundle), "--age", "nan", "-o", str(tmp_path / "r")],
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(command + ["generate", "--model", str(tiny_bundle), "--age", "nan",
+                                        "-o", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "finite number" in refused.stderr and not (tmp_path / "r").exists()
     done = subprocess.run(command + ["trajectory", "--model", str(tiny_bundle), "--age", "50:55:5", *FAST,
                                      "-o", str(tmp_path / "t")], capture_output=True, text=True, timeout=600)

@@ -76,7 +76,7 @@ def test_trajectory_frame_is_cut_through_the_given_slice():
 
 
 def test_the_core_writes_pictures_without_matplotlib_or_monai():
-    """``pip install .`` (no extras) has no matplotlib: the preview must not need it (nor MONAI, whose import is slow)."""
+    """``pip install .`` (no extras) has no matplotlib: the preview must not need it, nor MONAI (a slow import)."""
     code = ("import sys, numpy as np\n"
             "from diffdef import outputs\n"
             "from diffdef.geometry import Grid\n"
