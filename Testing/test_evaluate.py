@@ -162,6 +162,20 @@ def test_default_grid_spans_and_exceeds_training_range(tiny_bundle):
     assert max(c["ventricle_volume"] for c in vols) > high
 
 
+def test_methods_whose_names_hold_a_comma_are_selected_whole():
+    import argparse
+
+    from diffdef_training.evaluate import METHODS, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    parse = lambda text: p.parse_args(["--methods", text]).methods
+    assert parse("DiffDef,DiffDef, no MP loss,MNI template") == ("DiffDef", "DiffDef, no MP loss", "MNI template")
+    assert parse("conventional, 1 mm , conventional") == ("conventional, 1 mm", "conventional")
+    assert parse(",".join(METHODS)) == METHODS
+    assert parse("DiffDef,GAN") == ("DiffDef", "GAN")  # refused by run_evaluation with the valid names
+
+
 def test_cli_help_and_bad_method(capsys):
     from diffdef_training.cli import main
 

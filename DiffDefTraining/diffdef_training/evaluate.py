@@ -706,6 +706,17 @@ def _floats(text: str) -> tuple:
     return tuple(float(x) for x in text.split(",") if x.strip()) if text else ()
 
 
+def _methods(text: str) -> tuple:
+    """Comma-separated method names; a name that holds a comma itself ("DiffDef, no MP loss") is matched whole, the
+    longest known name first. An unknown name is kept as written, for :func:`run_evaluation` to refuse."""
+    parts, names = [p.strip() for p in text.split(",")], []
+    while parts:
+        n = next((n for n in range(len(parts), 0, -1) if ", ".join(parts[:n]) in METHODS), 1)
+        names.append(", ".join(parts[:n]))
+        parts = parts[n:]
+    return tuple(name for name in names if name)
+
+
 def _pairs(text: str) -> list:
     try:
         return [tuple(float(v) for v in p.split(":")) for p in text.split(",") if p.strip()]
@@ -729,8 +740,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling seeds of the generative methods (default 0,1)")
     p.add_argument("--intensity-seeds", type=int, default=d.intensity_seeds,
                    help="how many of the seeds the intensity baseline uses (default 1)")
-    p.add_argument("--methods", type=lambda t: tuple(x.strip() for x in t.split(",")), default=d.methods,
-                   help=f"comma-separated subset of: {', '.join(METHODS)}")
+    p.add_argument("--methods", type=_methods, default=d.methods,
+                   help=f"comma-separated subset of: {'; '.join(METHODS)} (e.g. 'DiffDef,DiffDef, no MP loss,MNI "
+                        "template')")
     p.add_argument("--conventional-conditions", type=int, default=d.conventional_conditions,
                    help="number of evenly spaced conditions for the conventional template (default 4; it is slow)")
     p.add_argument("--conventional-iterations", type=int, default=d.conventional_iterations,
