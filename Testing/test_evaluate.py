@@ -174,6 +174,8 @@ def test_methods_whose_names_hold_a_comma_are_selected_whole():
     assert parse("conventional, 1 mm , conventional") == ("conventional, 1 mm", "conventional")
     assert parse(",".join(METHODS)) == METHODS
     assert parse("DiffDef,GAN") == ("DiffDef", "GAN")  # refused by run_evaluation with the valid names
+    with pytest.raises(SystemExit):
+        parse(" , ")
 
 
 def test_cli_help_and_bad_method(capsys):

@@ -714,7 +714,10 @@ def _methods(text: str) -> tuple:
         n = next((n for n in range(len(parts), 0, -1) if ", ".join(parts[:n]) in METHODS), 1)
         names.append(", ".join(parts[:n]))
         parts = parts[n:]
-    return tuple(name for name in names if name)
+    names = tuple(name for name in names if name)
+    if not names:
+        raise argparse.ArgumentTypeError(f"name at least one method: {'; '.join(METHODS)}")
+    return names
 
 
 def _pairs(text: str) -> list:
