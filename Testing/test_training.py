@@ -244,6 +244,23 @@ def test_resume_from_incompatible_checkpoint(tmp_path, small_cohort):
         run_pipeline(cfg, progress=False, only=("diffusion",))
 
 
+def test_a_resumed_stage_counts_the_time_before_its_interruption(tmp_path, small_cohort):
+    """A stage trained in two runs records the seconds of both (done.json, and so the bundle's
+    provenance.stage_seconds), not the last run's alone: the checkpoint carries the count."""
+    run = tmp_path / "run"
+    cfg = load_config(None, {**SMALL, "output": str(run),
+                             "autoencoder": {**SMALL["autoencoder"], "steps": 2, "checkpoint_every": 1}})
+    _train("autoencoder", cfg, small_cohort, run / "autoencoder", seed=0, stop_after=1)
+    latest = run / "autoencoder" / "checkpoints" / "latest.pt"
+    state = torch.load(latest, weights_only=True)
+    assert 0 < state["seconds"] < 600
+    state["seconds"] = 5000.0  # as if the interrupted run had trained that long
+    torch.save(state, latest)
+    run_pipeline(cfg, resume=True, progress=False, only=("autoencoder",))
+    assert 5000 < json.loads((run / "autoencoder" / "done.json").read_text())["seconds"] < 5600
+    assert 5000 < torch.load(latest, weights_only=True)["seconds"] < 5600
+
+
 def test_fresh_start_refuses_to_overwrite_a_resumable_checkpoint(tmp_path, small_cohort):
     """The same command without --resume would start an interrupted stage from step 0 and overwrite its steps:
     refused, with nothing touched; a checkpoint of other settings is the documented retraining and is replaced."""
@@ -912,6 +929,10 @@ def test_sweep_trains_the_setting_and_scores_it(tiny_run, tmp_path):
         assert done_hash(run, stage) == done_hash(tiny_run, stage)
         assert json.loads((run / stage / "done.json").read_text())["unpacked_from"] == str(tiny_run / "bundle")
     assert (run / "val" / "evaluation.json").exists()
+    exported, source = (json.loads((r / "bundle" / "model.json").read_text())["provenance"] for r in (run, tiny_run))
+    for stage in ("autoencoder", "diffusion", "registration"):  # the unpacked stages' records travel on, not lost
+        assert exported["final_losses"][stage] == source["final_losses"][stage] != {}
+        assert exported["stage_seconds"][stage] == source["stage_seconds"][stage]
 
     refused = subprocess.run(["bash", str(script), "bad"], env={**env, "STAGES": "registration"}, capture_output=True, text=True)
     assert refused.returncode == 2 and "STAGES must include decoder" in refused.stderr

@@ -1,6 +1,7 @@
 """The training loop every stage shares: seeded determinism, DistributedDataParallel (torchrun; NCCL on GPU,
 gloo on CPU), gradient accumulation, mixed precision on GPU, EMA, checkpoints with optimizer / scheduler /
-EMA / RNG state and exact resume, a progress bar, and rank-0 CSV + TensorBoard logs.
+EMA / RNG state and the seconds trained so far (a resumed stage's time is the sum of its runs), exact resume,
+a progress bar, and rank-0 CSV + TensorBoard logs.
 
 Determinism across process counts: the data order comes from a ``DistributedSampler`` seeded by the run seed
 (rank r gets every world-th index of the epoch's permutation, so the ranks together see exactly the
@@ -157,8 +158,9 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
     ema = None
     if cfg.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
-    start = 0
+    start, spent = 0, 0.0  # spent: seconds of training before this run (a resumed run continues the count)
     latest = ckpt_dir / "latest.pt"
+    t_run = time.perf_counter()
     if resume and latest.exists():
         state = check_checkpoint(latest, name, model, cfg, ctx.device)
         model.load_state_dict(state["model"])
@@ -168,6 +170,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"].cpu())
         start = int(state["step"])
+        spent = float(state.get("seconds", 0.0))  # checkpoints written before the count existed: 0
     log_file = out_dir / "log.csv"
     writer = None
     if ctx.is_main:
@@ -224,7 +227,7 @@ def train(name: str, model: nn.Module, loss_fn: Callable, cfg: StageConfig, ctx:
             if done % cfg.checkpoint_every == 0 or done == end:
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "ema": ema.state_dict() if ema is not None else {}, "rng": torch.get_rng_state(),
-                         "step": done, "config": settings_key(cfg)}
+                         "step": done, "config": settings_key(cfg), "seconds": spent + time.perf_counter() - t_run}
                 _save(latest, state)
         if ctx.world > 1 and (done % cfg.checkpoint_every == 0 or done == end):
             dist.barrier()

@@ -117,6 +117,15 @@ def _load_state(path: Path, net: torch.nn.Module) -> torch.nn.Module:
     return net.eval()
 
 
+def _checkpoint_seconds(stage_dir: Path) -> float:
+    """Seconds of training held by the stage's checkpoint (``engine.train``'s count, across resumed runs); 0 without
+    a checkpoint or for one written before the count existed."""
+    latest = stage_dir / "checkpoints" / "latest.pt"
+    if not latest.exists():
+        return 0.0
+    return float(torch.load(latest, map_location="cpu", weights_only=True).get("seconds", 0.0))
+
+
 def _last_losses(stage_dir: Path) -> dict:
     log = stage_dir / "log.csv"
     if not log.exists():
@@ -311,7 +320,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
             return channels_last_on_cpu(_load_state(d / f"{name}.safetensors", builders[name]()), ctx.device)
         # each stage starts from its own seed: its initial weights do not depend on which stages ran before
         torch.manual_seed(cfg.seed * 1009 + STAGES.index(name))
-        t = time.time()
+        # a resumed stage's time counts the seconds its checkpoint had already trained
+        t = time.time() - (_checkpoint_seconds(d) if resume else 0.0)
         net = train_fn(d)
         timings[name] = time.time() - t
         if ctx.is_main:
@@ -353,6 +363,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         return None
     template = load_template()
     working = template.working_grid(cfg.cohort.factor)
+    done = {s: json.loads((out / s / "done.json").read_text()) for s in STAGES}
     meta = {
         "template": {},
         "working_grid": {**working.grid.to_dict(), **working.to_dict()},
@@ -365,10 +376,10 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         "provenance": {
             "cohort": cfg.cohort.source, "cohort_size": len(cohort), "cohort_seed": cfg.cohort.seed,
             "steps": {s: cfg.stage(s).steps for s in STAGES},
-            "final_losses": {s: _last_losses(out / s) for s in STAGES},
-            "stage_seconds": {s: json.loads((out / s / "done.json").read_text()).get("seconds") for s in STAGES},
-            "stage_machines": {s: json.loads((out / s / "done.json").read_text()).get("machine", "not recorded")
-                               for s in STAGES},
+            # from each stage's done.json, which a stage unpacked from a bundle (no log.csv) carries over too
+            "final_losses": {s: done[s].get("losses", {}) for s in STAGES},
+            "stage_seconds": {s: done[s].get("seconds") for s in STAGES},
+            "stage_machines": {s: done[s].get("machine", "not recorded") for s in STAGES},
             "morphology_preservation_loss": cfg.decoder.mp_loss,
             "neighbours": cfg.decoder.neighbours, "sigma": cfg.decoder.sigma,
             "config": cfg.to_dict(), "git_commit": _git_commit(), "processes": ctx.world,
