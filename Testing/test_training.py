@@ -853,7 +853,10 @@ def test_training_benchmark_defaults_to_the_shipped_config():
     from diffdef_training import bench_training
 
     assert bench_training.SHIPPED_CONFIG == ROOT / "DiffDefTraining" / "configs" / "shipped.yaml"
-    assert load_config(bench_training.SHIPPED_CONFIG).decoder.steps == 800
+    cfg = load_config(bench_training.SHIPPED_CONFIG)
+    shipped = json.loads((ROOT / "DiffDefSlicer" / "Resources" / "Models" / "default" / "model.json").read_text())
+    steps = shipped["provenance"]["steps"]  # the budget the shipped bundle was trained with
+    assert {stage: cfg.stage(stage).steps for stage in steps} == steps
 
 
 def test_training_benchmark_runs_every_stage(capsys):

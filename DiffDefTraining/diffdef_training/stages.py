@@ -411,8 +411,9 @@ class DecoderObjective:
     (``[[2, 3]]``, brain tissue) the miscounts cancel: at ``neighbourhood_volume_weight`` 100 that term kept the
     worst tissue error at 1.89 % against 2.02 % without it, and with the log-uniform bank (``bank_uniform``) at
     1.77 % against 2.41 %, so the shipped configuration uses it; at weight 300 it also holds the tissue within 2 %
-    with the wider neighbourhood (sigma 0.45) that lifts the GM/WM Dice (docs/decoder-sweep.md, fifth to ninth
-    rounds).
+    with the wider neighbourhood (sigma 0.45) that lifts the GM/WM Dice, and at 1000 (the shipped model) with the
+    longer, slower schedule (1200 steps at half the learning rate) that lost it at 300 (docs/decoder-sweep.md, fifth
+    to ninth, twentieth and twenty-third rounds).
 
     Why the shape term: projected onto the synthetic law's two directions, the decoder's velocity would score 1 mm
     GM/WM Dice 0.98-1.0 at every in-range condition; what costs it is a field off those directions that the
