@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Retrain the shipped default model from scratch, its MP-loss ablation, and install the bundle into
 # DiffDefSlicer/Resources/Models/default (on a 2-core CPU: about 1 h 45 min for the model, plus 45 min for the
-# ablation, more on a slow day; docs/shipped-model.md gives the per-stage times). Safe to re-run: finished stages are skipped, and RESUME=1 continues
-# interrupted stages from their checkpoints (without it, a stage with a checkpoint to continue is refused, not
-# restarted).
+# ablation, more on a slow day; docs/shipped-model.md gives the per-stage times). Safe to re-run: finished stages
+# are skipped, and RESUME=1 continues interrupted stages from their checkpoints (without it, a stage with a
+# checkpoint to continue is refused, not restarted).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 resume=${RESUME:+--resume}
