@@ -78,8 +78,20 @@ def test_tiny_bundle_loads_and_generates_without_folding(tiny_run, tiny_generato
     assert "l1" in prov["final_losses"]["autoencoder"] and "centrality" in prov["final_losses"]["decoder"]
     assert prov["morphology_preservation_loss"] is True
     assert set(prov["stage_machines"]) == set(prov["steps"])  # where each stage trained, from its done.json
-    assert all(m.endswith(", CPU") for m in prov["stage_machines"].values()), prov["stage_machines"]
+    assert all(m.endswith(", CPU") and "  " not in m for m in prov["stage_machines"].values()), prov["stage_machines"]
     assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"]), prov["git_commit"]
+
+
+def test_cpu_name_leaves_out_a_processor_the_platform_does_not_report(monkeypatch):
+    import platform
+
+    from diffdef_training.pipeline import cpu_name
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert cpu_name() == "x86_64"
+    monkeypatch.setattr(platform, "processor", lambda: "i386")
+    assert cpu_name() == "x86_64 i386"
 
 
 # -- 2. torchrun (gloo, 2 processes) == one process -----------------------------------------------------------------

@@ -413,9 +413,10 @@ def run_evaluation(s: EvalSettings) -> dict:
     result["targets"] = targets(rows)
     result["ablation"] = ablation_comparison(rows) if ablation is not None else None
     import os
-    import platform
 
-    result["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    from .pipeline import cpu_name
+
+    result["machine"] = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     result["seconds_total"] = time.perf_counter() - t_start
     result["figure_slice"] = ctx.figure_slice
     result["_examples"] = examples

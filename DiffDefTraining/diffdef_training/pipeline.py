@@ -270,10 +270,15 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
     return [out / n for n in names]
 
 
+def cpu_name() -> str:
+    """The machine's architecture and, where the platform reports one, its processor name ("x86_64")."""
+    return " ".join(part for part in (platform.machine(), platform.processor()) if part)
+
+
 def _machine(ctx: RunContext) -> str:
     """Where this process trains: architecture, threads, GPU name or CPU, process count."""
     device = "GPU " + torch.cuda.get_device_name() if ctx.device.type == "cuda" else "CPU"
-    return f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, {device}" + \
+    return f"{cpu_name()} {torch.get_num_threads()} threads, {device}" + \
         (f", {ctx.world} processes" if ctx.world > 1 else "")
 
 
