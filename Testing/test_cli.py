@@ -294,6 +294,35 @@ def test_bad_samples_or_steps_exit_2(tiny_bundle, tmp_path, capsys, value):
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "four"])
+def test_bad_smoothing_exit_2(tiny_bundle, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        run(capsys, "generate", "--model", tiny_bundle, "--age", "70", *FAST, "--smoothing", value, "-o", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--smoothing" in err and "0 or more" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_smoothing_filters_the_averaged_velocity(tiny_generator, tiny_bundle, tmp_path, capsys):
+    """``smoothing_mm``: the mean velocity filtered by a Gaussian of that sigma in mm (working-grid voxels x
+    spacing); the bundle's value by default, recorded in the sidecar; negative or non-finite values refused."""
+    gen, values = tiny_generator, {"age": 70.0, "ventricle_volume": 30.0}
+    raw, _, _, used0 = gen.velocity(values, seed=5, steps=2, samples=2, smoothing_mm=0.0)
+    smooth, _, _, used = gen.velocity(values, seed=5, steps=2, samples=2, smoothing_mm=12.0)
+    assert used == {**used0, "smoothing_mm": 12.0}
+    assert torch.allclose(smooth, fields.smooth(raw, 12.0 / float(gen.bundle.working_grid.spacing[0])), atol=1e-6)
+    assert smooth.std() < raw.std()
+    assert gen.velocity(values, seed=5, steps=2, samples=2)[3]["smoothing_mm"] == \
+        gen.bundle.meta["sampling"]["smoothing_mm"] == 0.0  # tiny.yaml: the default, none
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="smoothing must be a finite number of mm >= 0"):
+            gen.velocity(values, seed=5, steps=2, smoothing_mm=bad)
+    code, _, err = run(capsys, "generate", "--model", tiny_bundle, "--age", "70", *FAST, "--smoothing", "12",
+                       "-o", tmp_path / "o")
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "atlas.json").read_text())["smoothing_mm"] == 12.0
+
+
 def test_samples_average_the_velocities_of_one_batch_of_latents(tiny_generator):
     """``samples`` K: the decoder's mean velocity over K latents drawn in one batch, the first of which is the
     latent ``samples=1`` draws with the same seed; K = 1 is a single draw, the result differs from it."""

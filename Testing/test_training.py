@@ -1035,16 +1035,19 @@ def test_added_options_at_their_default_keep_finished_runs_current():
 
 
 def test_generation_only_options_never_change_a_run():
-    """``sampling.samples`` is read when atlases are generated, never in training: no value of it changes a run
-    hash or a checkpoint key (so changing it re-exports the bundle and retrains nothing); below 1 it is refused."""
+    """``sampling.samples``, ``generation_guidance`` and ``smoothing_mm`` are read when atlases are generated, never
+    in training: no value of them changes a run hash or a checkpoint key (so changing one re-exports the bundle and
+    retrains nothing); out of range they are refused."""
     from diffdef_training.config import settings_key
     from diffdef_training.pipeline import _DEPENDS
 
     path = ROOT / "DiffDefTraining" / "configs" / "tiny.yaml"
     cfg = load_config(path)
-    for samples, generation_guidance in ((1, 1.0), (3, 0.0), (16, 2.5)):
-        changed = load_config(path, {"sampling": {"samples": samples, "generation_guidance": generation_guidance}})
-        assert (changed.sampling.samples, changed.sampling.generation_guidance) == (samples, generation_guidance)
+    for samples, generation_guidance, smoothing_mm in ((1, 1.0, 0.0), (3, 0.0, 4.0), (16, 2.5, 6.5)):
+        changed = load_config(path, {"sampling": {"samples": samples, "generation_guidance": generation_guidance,
+                                                  "smoothing_mm": smoothing_mm}})
+        assert (changed.sampling.samples, changed.sampling.generation_guidance, changed.sampling.smoothing_mm) == (
+            samples, generation_guidance, smoothing_mm)
         assert changed.hash() == cfg.hash() and changed.hash("architecture", *_DEPENDS["decoder"]) == cfg.hash(
             "architecture", *_DEPENDS["decoder"])
         assert settings_key(changed.sampling) == settings_key(cfg.sampling)
@@ -1056,14 +1059,18 @@ def test_generation_only_options_never_change_a_run():
     for key in ("guidance", "generation_guidance"):
         with pytest.raises(ConfigError, match="must be >= 0"):
             load_config(path, {"sampling": {key: -1.0}})
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="sampling.smoothing_mm must be a finite number >= 0"):
+            load_config(path, {"sampling": {"smoothing_mm": bad}})
 
 
 def test_bundle_records_the_generation_default(tiny_bundle):
-    """The bundle's sampling defaults are the config's: ``samples``, and ``generation_guidance`` as the guidance
-    weight where it is set (else the latent bank's ``guidance``)."""
+    """The bundle's sampling defaults are the config's: ``samples``, ``smoothing_mm``, and ``generation_guidance`` as
+    the guidance weight where it is set (else the latent bank's ``guidance``)."""
     meta = json.loads((tiny_bundle / "model.json").read_text())
     config = meta["provenance"]["config"]["sampling"]
     assert meta["sampling"]["samples"] == config["samples"] >= 1
+    assert meta["sampling"]["smoothing_mm"] == config["smoothing_mm"] == 0.0
     assert (config["guidance"], config["generation_guidance"]) == (1.5, 1.0)  # tiny.yaml: the bank at 1.5
     assert meta["sampling"]["guidance"] == 1.0
 

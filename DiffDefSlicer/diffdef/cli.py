@@ -76,6 +76,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of mm, 0 or more, got {text!r}")
+    return value
+
+
 def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
     """Options shared by every subcommand (accepted before or after the subcommand)."""
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -89,6 +99,9 @@ def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
                    help="diffusion draws averaged into the atlas (their velocities' mean): more is closer to the "
                         "condition's expected atlas, each costs one more sampling batch item (default: the model's; "
                         "1 = a single draw)")
+    g.add_argument("--smoothing", type=_non_negative_mm, metavar="MM",
+                   help="Gaussian sigma (mm) applied to the averaged velocity before integration: removes the "
+                        "decoder's fine-scale field (default: the model's; 0 = none)")
     g.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight (default: the model's; 1 = none)")
     g.add_argument("--no-volume-calibration", action="store_true",
@@ -339,7 +352,7 @@ def _sampling(args) -> dict:
     """The sampling options given on the command line (the model's defaults for the others), and whether the
     requested volumes are calibrated."""
     return {**{k: _opt(args, k) for k in ("steps", "guidance", "samples")},
-            "calibrate_volumes": not _opt(args, "no_volume_calibration", False)}
+            "smoothing_mm": _opt(args, "smoothing"), "calibrate_volumes": not _opt(args, "no_volume_calibration", False)}
 
 
 def _generator(args, timings: dict, conditions: dict | None = None, progress=None):

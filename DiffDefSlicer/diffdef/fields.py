@@ -47,6 +47,17 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = DEFAULT_INTEGRATION_
     return disp
 
 
+def smooth(field: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
+    """``field`` ``(B, C, i, j, k)`` filtered by a Gaussian of ``sigma_voxels`` (its grid's voxels) along each axis:
+    MONAI's sampled kernel truncated at 3 sigma, applied separably, edges replicated; sigma 0 returns ``field``."""
+    if sigma_voxels <= 0:
+        return field
+    from monai.networks.layers import gaussian_1d, separable_filtering
+
+    kernel = gaussian_1d(torch.tensor(float(sigma_voxels)), truncated=3.0, approx="sampled", normalize=True)
+    return separable_filtering(field, [kernel.to(field)] * 3, mode="replicate")
+
+
 def compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
     """Displacement of warping by ``first`` and then by ``then``:
     ``warp(warp(I, first), then) == warp(I, compose(first, then))``, i.e. ``u(x) = then(x) + first(x + then(x))``."""

@@ -38,8 +38,8 @@ class Atlas:
     interpolation of ``working_displacement_mm`` ((i, j, k, 3) RAS mm on ``working_grid``, where the velocity is
     integrated), so exporting the working-grid field loses nothing (ITK interpolates it the same way).
     ``velocity``: (1, 3, ...) on the working grid, working-grid voxels.
-    ``sampling``: the DDIM ``steps``, ``guidance`` and number of averaged latents ``samples`` that made it, and
-    ``calibrate_volumes``.
+    ``sampling``: the DDIM ``steps``, ``guidance``, number of averaged latents ``samples`` and ``smoothing_mm``
+    that made it, and ``calibrate_volumes``.
     ``folding_ratio``: % of working-grid voxels with det J <= 0 (where the map is integrated); with
     ``jacobian`` the 1 mm det J map is kept and ``folding_ratio_1mm`` is measured on it as well.
     ``volume_calibration``: per requested volume condition, the decoder's volume and the calibrated one
@@ -79,21 +79,27 @@ class AtlasGenerator:
         self.calibrator = VolumeCalibrator(self.bundle, self.template)
 
     def velocity(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 samples: int | None = None, progress: Callable | None = None,
+                 samples: int | None = None, smoothing_mm: float | None = None, progress: Callable | None = None,
                  cancel: Callable | None = None) -> tuple[torch.Tensor, dict, list, dict]:
         """Validated conditions -> velocity ``(1, 3, ...)`` on the working grid (voxels), values, warnings and the
-        sampling settings used (``steps``, ``guidance``, ``samples``; None = the bundle's).
+        sampling settings used (``steps``, ``guidance``, ``samples``, ``smoothing_mm``; None = the bundle's).
 
         With ``samples`` K > 1, K latents are drawn in one batch and their decoded velocities averaged: the
         log-Euclidean mean of K draws of the condition's atlas, which stays diffeomorphic because the mean is taken
-        before integration. The first latent of a batch is the one ``samples=1`` draws with the same seed."""
+        before integration. The first latent of a batch is the one ``samples=1`` draws with the same seed.
+        ``smoothing_mm`` > 0 then filters the mean by a Gaussian of that sigma (mm; :func:`fields.smooth`): the
+        decoder leaves a fine-scale field off the cohort's anatomy that averaging the draws does not remove
+        (docs/decoder-sweep.md, twenty-fifth round)."""
         values, warnings = self.spec.validate(conditions)
         used = {"steps": int(steps or self.sampling["steps"]),
                 "guidance": float(self.sampling["guidance"] if guidance is None else guidance),
-                "samples": int(samples or self.sampling.get("samples", 1))}
+                "samples": int(samples or self.sampling.get("samples", 1)),
+                "smoothing_mm": float(self.sampling.get("smoothing_mm", 0.0) if smoothing_mm is None else smoothing_mm)}
         if used["steps"] < 1 or used["samples"] < 1:
             raise ValueError(f"steps and samples must be at least 1 (got steps {used['steps']}, "
                              f"samples {used['samples']}).")
+        if not 0 <= used["smoothing_mm"] < float("inf"):
+            raise ValueError(f"smoothing must be a finite number of mm >= 0 (0 = none), got {used['smoothing_mm']}.")
         cond = self.spec.normalise(values).to(self.device).expand(used["samples"], -1)
         nets = self.bundle.nets
         gen = torch.Generator().manual_seed(int(seed))
@@ -104,17 +110,21 @@ class AtlasGenerator:
         with torch.no_grad():  # one latent at a time: on 2 CPU threads the decoder's batch of 8 took 0.54-0.62 s,
             # eight single passes 0.38 s (the diffusion U-Net, by contrast, gains from the batch: 1.3 s against 2.4 s)
             velocity = sum(nets["decoder"](latent[i:i + 1], cond[:1]) for i in range(len(latent))) / len(latent)
+            velocity = fields.smooth(velocity, used["smoothing_mm"] / float(self.bundle.working_grid.spacing[0]))
         return velocity, values, warnings, used
 
     def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 samples: int | None = None, jacobian: bool = False, calibrate_volumes: bool = True,
-                 progress: Callable | None = None, cancel: Callable | None = None) -> Atlas:
-        """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``: see :meth:`velocity`. With
+                 samples: int | None = None, smoothing_mm: float | None = None, jacobian: bool = False,
+                 calibrate_volumes: bool = True, progress: Callable | None = None,
+                 cancel: Callable | None = None) -> Atlas:
+        """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``, ``smoothing_mm``: see
+        :meth:`velocity`. With
         ``calibrate_volumes`` each requested volume condition is met on the 1 mm grid (:mod:`diffdef.calibration`);
         without it the atlas keeps the decoder's own volumes."""
         timings = {}
         t0 = time.perf_counter()
-        velocity, values, warnings, used = self.velocity(conditions, seed, steps, guidance, samples, progress, cancel)
+        velocity, values, warnings, used = self.velocity(conditions, seed, steps, guidance, samples, smoothing_mm,
+                                                         progress, cancel)
         timings["sampling_and_decoding_s"] = time.perf_counter() - t0
         if cancel is not None and cancel():
             raise Cancelled("Generation was cancelled.")

@@ -318,9 +318,9 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
 
 
 def _sampling_used(atlas) -> dict:
-    """The DDIM steps, guidance and averaged samples that made ``atlas`` and whether its requested volumes were
-    calibrated (None where it does not say)."""
-    return {k: atlas.sampling.get(k) for k in ("steps", "guidance", "samples", "calibrate_volumes")}
+    """The DDIM steps, guidance, averaged samples and velocity smoothing (mm) that made ``atlas`` and whether its
+    requested volumes were calibrated (None where it does not say)."""
+    return {k: atlas.sampling.get(k) for k in ("steps", "guidance", "samples", "smoothing_mm", "calibrate_volumes")}
 
 
 def _export_field(atlas):

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,7 @@ class SamplingConfig:
     generation_guidance: float = field(default=0.0, metadata=GENERATION_ONLY)  # guidance weight recorded in the bundle as the generation default, 0 = guidance; 1 runs the diffusion U-Net on half the batch (no unconditional pass): a decoder that receives the condition itself gave the same atlases with 1 as with the bank's 1.5 (docs/decoder-sweep.md, twenty-first round)
     integration_steps: int = 7  # scaling-and-squaring steps
     samples: int = field(default=8, metadata=GENERATION_ONLY)  # diffusion draws whose decoded velocities are averaged into one atlas (their log-Euclidean mean, an estimate of the condition's expected atlas rather than one draw of it); recorded in the bundle as the generation default, not used in training (docs/decoder-sweep.md, tenth round)
+    smoothing_mm: float = field(default=0.0, metadata=GENERATION_ONLY)  # sigma (mm) of a Gaussian on the averaged velocity at generation, before the volume calibration; recorded in the bundle as the generation default, not used in training; 0 = none (docs/decoder-sweep.md, twenty-fifth round)
 
 
 @dataclass
@@ -270,6 +272,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("steps", "samples"):
         if getattr(cfg.sampling, key) < 1:
             raise ConfigError(f"sampling.{key} must be >= 1, got {getattr(cfg.sampling, key)}.")
+    if not 0 <= cfg.sampling.smoothing_mm < math.inf:
+        raise ConfigError(f"sampling.smoothing_mm must be a finite number >= 0 (0 = none), got {cfg.sampling.smoothing_mm}.")
     if cfg.sampling.guidance < 0 or cfg.sampling.generation_guidance < 0:
         raise ConfigError(f"sampling.guidance and sampling.generation_guidance must be >= 0 (1: no guidance; "
                           f"generation_guidance 0: the same as guidance), got {cfg.sampling.guidance} and "
