@@ -6,10 +6,12 @@ for the shipped model (docs/evaluation.md). The calibration makes the atlas meas
 decoded velocity (working grid, voxels) along the requested volume's own gradient, smoothed, with the gradients of
 the volumes the decoder was trained to keep at its neighbourhood's (``decoder.neighbourhood_volume_labels``: brain
 tissue) projected out, so that to first order only the requested structure changes; a secant search on that line
-finds where the volume of the atlas's 1 mm label map equals the request (within 0.3 %). The labels and their roles are
-those of the bundle's training configuration (``provenance.config.decoder``), so a model retrained on another
-cohort calibrates its own volume conditions. Why not in MONAI: it is a property of this model's outputs, a few
-lines on top of the warps of :mod:`diffdef.fields`.
+finds where the volume of the atlas's 1 mm label map equals the request (within 0.3 %). After a filter on the
+velocity (``smoothing_mm`` at generation), the held structures are first searched back, the same way along their own
+gradient, to the volume they had before it (on every other 1 mm voxel: brain tissue's box is large). The labels and
+their roles are those of the bundle's training configuration (``provenance.config.decoder``), so a model retrained
+on another cohort calibrates its own volume conditions. Why not in MONAI: it is a property of this model's outputs,
+a few lines on top of the warps of :mod:`diffdef.fields`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .geometry import Grid
 from .template import NUM_LABELS, Template
 
 TOLERANCE = 0.003  # |log(V / V requested)|: stop within 0.3 %
+HELD_TOLERANCE = 0.001  # the same for a held structure searched back after a filter (brain tissue: 0.1 % is 1.6 ml)
 MAX_EVALUATIONS = 6  # volume measurements per condition (the shipped model needs 1-3)
 SMOOTHING_VOXELS = 1.0  # Gaussian sigma of the search direction, working-grid voxels (4 mm on the shipped grid)
 BOX_MARGIN_MM = 25  # the training's fixed box around a label (96 ml ventricles fit in the template's 8 ml box + 25 mm)
@@ -113,6 +116,7 @@ class VolumeCalibrator:
                               f"at factor {factor}; re-export the bundle from its training run.")
         self.coarse = {name: fractions[:, [label]] for name, label in labels.items()}
         self.held = [fractions[:, group].sum(1, keepdim=True) for group in held]  # structures that keep their volume
+        self.held_counters = [LabelVolume.around(template, group, mode="nearest") for group in held]  # 1/8 sample
         from monai.networks.layers import GaussianFilter  # lazily, as every MONAI import here: not at import time
 
         self.smooth = GaussianFilter(3, SMOOTHING_VOXELS, truncated=3.0, approx="sampled")
@@ -136,19 +140,30 @@ class VolumeCalibrator:
         grads = torch.autograd.grad(volumes.sum(), copies)[0]
         return [smooth(g[None]) for g in grads], volumes.detach(), disp[:1].detach()
 
-    def __call__(self, velocity: torch.Tensor, requested: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(self, velocity: torch.Tensor, requested: dict,
+                 keep_held_of: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """``velocity`` (1, 3, ...) working-grid voxels and ``{condition: ml}`` (None = not asked) -> the calibrated
         velocity and, per calibrated condition, ``requested_ml``, ``decoder_ml`` and ``calibrated_ml`` (the atlas
         label map's 1 mm count), ``evaluations`` and ``converged`` (within 0.3 %; False when the search stopped short,
-        e.g. where a larger step would fold the map, and for a request of 0 ml, which is reported, not met)."""
+        e.g. where a larger step would fold the map, and for a request of 0 ml, which is reported, not met).
+
+        With ``keep_held_of`` (a velocity like ``velocity``, e.g. the decoder's before a filter) the held structures
+        (brain tissue) are first brought back to their 1 mm volume under that velocity, along their own gradients,
+        and then kept as above while the requested volumes are met."""
         asked = {n: float(v) for n, v in requested.items() if n in self.targets and v is not None}
         empty = [n for n, v in asked.items() if v <= 0]  # no map empties a structure (nor has 0 ml a log ratio)
         asked = {n: v for n, v in asked.items() if v > 0}
-        if not asked:
+        searches = {n: (self.targets[n], v) for n, v in asked.items()}
+        if keep_held_of is not None:
+            held_ml = [self._measure(c, keep_held_of.detach().float())[0] for c in self.held_counters]
+            searches = {**{f"held {i}": (c, v) for i, (c, v) in enumerate(zip(self.held_counters, held_ml))},
+                        **searches}
+        if not searches:
             decoded = fields.integrate_velocity(velocity.detach().float(), self.steps) if empty else None
             return velocity, {n: self._not_calibrated(n, decoded, decoded) for n in empty}
+        kept = len(searches) - len(asked)
         grads, coarse_volumes, decoded = self._gradients(
-            velocity, torch.cat([*(self.coarse[n] for n in asked), *self.held], 1))
+            velocity, torch.cat([*self.held[:kept], *(self.coarse[n] for n in asked), *self.held[kept:]], 1))
         basis = []  # orthonormal: the held volumes' gradients, then each calibrated volume's direction, in turn
 
         def orthogonal(g):
@@ -160,21 +175,22 @@ class VolumeCalibrator:
             if float(g.norm()) > 0:
                 basis.append(g / g.norm())
 
-        for g in grads[len(asked):]:
+        for g in grads[len(searches):]:
             add_to_basis(orthogonal(g))
         base = velocity.detach().float()
         report = {}
-        for (name, target), g, coarse in zip(asked.items(), grads, coarse_volumes):
+        for i, ((name, (counter, target)), g, coarse) in enumerate(zip(searches.items(), grads, coarse_volumes)):
             direction = orthogonal(g)
-            own, decoded_folds = self._measure(self.targets[name], disp=decoded)
-            before, base_folds = (own, decoded_folds) if not report else self._measure(self.targets[name], base)
+            own, decoded_folds = self._measure(counter, disp=decoded)
+            before, base_folds = (own, decoded_folds) if i == 0 else self._measure(counter, base)
             ts, fs = [0.0], [math.log(before / target)]
             slope = float((g * direction).sum()) / coarse.item()  # d log V / dt at t = 0, on the working grid
             t = -fs[0] / slope if slope > 0 else 0.0
             evaluations = 0
-            while abs(fs[-1]) >= TOLERANCE and evaluations < MAX_EVALUATIONS and t != ts[-1]:
+            tolerance = TOLERANCE if name in asked else HELD_TOLERANCE
+            while abs(fs[-1]) >= tolerance and evaluations < MAX_EVALUATIONS and t != ts[-1]:
                 evaluations += 1
-                volume, folds = self._measure(self.targets[name], base + t * direction)
+                volume, folds = self._measure(counter, base + t * direction)
                 if folds and not base_folds:
                     t = (t + ts[-1]) / 2  # back off towards the last map that did not fold
                     continue
@@ -186,9 +202,10 @@ class VolumeCalibrator:
             best = int(np.argmin(np.abs(fs)))
             base = base + ts[best] * direction
             add_to_basis(direction)
-            report[name] = {"requested_ml": target, "decoder_ml": own,
-                            "calibrated_ml": target * math.exp(fs[best]), "evaluations": evaluations,
-                            "converged": bool(abs(fs[best]) < TOLERANCE)}
+            if name in asked:
+                report[name] = {"requested_ml": target, "decoder_ml": own,
+                                "calibrated_ml": target * math.exp(fs[best]), "evaluations": evaluations,
+                                "converged": bool(abs(fs[best]) < TOLERANCE)}
         if empty:
             final = fields.integrate_velocity(base, self.steps)
             report.update({n: self._not_calibrated(n, decoded, final) for n in empty})

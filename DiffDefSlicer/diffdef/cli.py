@@ -101,7 +101,8 @@ def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
                         "1 = a single draw)")
     g.add_argument("--smoothing", type=_non_negative_mm, metavar="MM",
                    help="Gaussian sigma (mm) applied to the averaged velocity before integration: removes the "
-                        "decoder's fine-scale field (default: the model's; 0 = none)")
+                        "decoder's fine-scale field; the volume calibration then gives the brain tissue back the "
+                        "volume it had before (default: the model's; 0 = none)")
     g.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight (default: the model's; 1 = none)")
     g.add_argument("--no-volume-calibration", action="store_true",

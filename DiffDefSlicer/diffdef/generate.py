@@ -90,6 +90,15 @@ class AtlasGenerator:
         ``smoothing_mm`` > 0 then filters the mean by a Gaussian of that sigma (mm; :func:`fields.smooth`): the
         decoder leaves a fine-scale field off the cohort's anatomy that averaging the draws does not remove
         (docs/decoder-sweep.md, twenty-fifth round)."""
+        mean, values, warnings, used = self._mean_velocity(conditions, seed, steps, guidance, samples, smoothing_mm,
+                                                           progress, cancel)
+        return self._smoothed(mean, used), values, warnings, used
+
+    def _smoothed(self, velocity: torch.Tensor, used: dict) -> torch.Tensor:
+        return fields.smooth(velocity, used["smoothing_mm"] / float(self.bundle.working_grid.spacing[0]))
+
+    def _mean_velocity(self, conditions, seed, steps, guidance, samples, smoothing_mm, progress, cancel):
+        """:meth:`velocity` before the smoothing."""
         values, warnings = self.spec.validate(conditions)
         used = {"steps": int(steps or self.sampling["steps"]),
                 "guidance": float(self.sampling["guidance"] if guidance is None else guidance),
@@ -110,7 +119,6 @@ class AtlasGenerator:
         with torch.no_grad():  # one latent at a time: on 2 CPU threads the decoder's batch of 8 took 0.54-0.62 s,
             # eight single passes 0.38 s (the diffusion U-Net, by contrast, gains from the batch: 1.3 s against 2.4 s)
             velocity = sum(nets["decoder"](latent[i:i + 1], cond[:1]) for i in range(len(latent))) / len(latent)
-            velocity = fields.smooth(velocity, used["smoothing_mm"] / float(self.bundle.working_grid.spacing[0]))
         return velocity, values, warnings, used
 
     def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
@@ -118,13 +126,15 @@ class AtlasGenerator:
                  calibrate_volumes: bool = True, progress: Callable | None = None,
                  cancel: Callable | None = None) -> Atlas:
         """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``, ``smoothing_mm``: see
-        :meth:`velocity`. With
-        ``calibrate_volumes`` each requested volume condition is met on the 1 mm grid (:mod:`diffdef.calibration`);
-        without it the atlas keeps the decoder's own volumes."""
+        :meth:`velocity`. With ``calibrate_volumes`` each requested volume condition is met on the 1 mm grid
+        (:mod:`diffdef.calibration`), and after a smoothing the structures the decoder was trained to hold at its
+        neighbourhood's volume (brain tissue) get back the volume they had before it; without it the atlas keeps
+        the (smoothed) decoder's own volumes."""
         timings = {}
         t0 = time.perf_counter()
-        velocity, values, warnings, used = self.velocity(conditions, seed, steps, guidance, samples, smoothing_mm,
-                                                         progress, cancel)
+        mean, values, warnings, used = self._mean_velocity(conditions, seed, steps, guidance, samples, smoothing_mm,
+                                                           progress, cancel)
+        velocity = self._smoothed(mean, used)
         timings["sampling_and_decoding_s"] = time.perf_counter() - t0
         if cancel is not None and cancel():
             raise Cancelled("Generation was cancelled.")
@@ -133,7 +143,8 @@ class AtlasGenerator:
             if progress:
                 progress(0.82, "Calibrating the requested volumes")
             t = time.perf_counter()
-            velocity, calibration = self.calibrator(velocity, values)
+            velocity, calibration = self.calibrator(velocity, values,
+                                                    keep_held_of=mean if velocity is not mean else None)
             timings["volume_calibration_s"] = time.perf_counter() - t
             warnings = warnings + [f"{n} = {c['requested_ml']:g} ml could not be met exactly: the atlas has "
                                    f"{c['calibrated_ml']:.1f} ml (the decoder gave {c['decoder_ml']:.1f} ml)."
