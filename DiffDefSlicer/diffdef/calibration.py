@@ -161,9 +161,9 @@ class VolumeCalibrator:
         if not searches:
             decoded = fields.integrate_velocity(velocity.detach().float(), self.steps) if empty else None
             return velocity, {n: self._not_calibrated(n, decoded, decoded) for n in empty}
-        kept = len(searches) - len(asked)
-        grads, coarse_volumes, decoded = self._gradients(
-            velocity, torch.cat([*self.held[:kept], *(self.coarse[n] for n in asked), *self.held[kept:]], 1))
+        searched = ([*self.held] if keep_held_of is not None else []) + [self.coarse[n] for n in asked]
+        projected_out = [] if keep_held_of is not None else [*self.held]  # held, not searched: kept to first order
+        grads, coarse_volumes, decoded = self._gradients(velocity, torch.cat(searched + projected_out, 1))
         basis = []  # orthonormal: the held volumes' gradients, then each calibrated volume's direction, in turn
 
         def orthogonal(g):

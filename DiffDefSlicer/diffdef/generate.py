@@ -144,7 +144,7 @@ class AtlasGenerator:
                 progress(0.82, "Calibrating the requested volumes")
             t = time.perf_counter()
             velocity, calibration = self.calibrator(velocity, values,
-                                                    keep_held_of=mean if velocity is not mean else None)
+                                                    keep_held_of=mean if used["smoothing_mm"] > 0 else None)
             timings["volume_calibration_s"] = time.perf_counter() - t
             warnings = warnings + [f"{n} = {c['requested_ml']:g} ml could not be met exactly: the atlas has "
                                    f"{c['calibrated_ml']:.1f} ml (the decoder gave {c['decoder_ml']:.1f} ml)."
