@@ -323,6 +323,20 @@ def test_smoothing_filters_the_averaged_velocity(tiny_generator, tiny_bundle, tm
     assert json.loads((tmp_path / "o" / "atlas.json").read_text())["smoothing_mm"] == 12.0
 
 
+def test_without_calibration_the_models_default_smoothing_is_left_out(tiny_generator, monkeypatch):
+    """A bundle's default ``smoothing_mm`` pairs with the volume calibration (the filter shrinks the ventricles and
+    grows the tissue until the calibration gives them back), so ``calibrate_volumes=False``, which promises the
+    decoder's own volumes, leaves it out; an explicit ``smoothing_mm`` is still applied."""
+    gen, values, fast = tiny_generator, {"age": 70.0, "ventricle_volume": 30.0}, {"seed": 5, "steps": 2, "samples": 2}
+    monkeypatch.setitem(gen.bundle.meta["sampling"], "smoothing_mm", 8.0)
+    unfiltered = gen.generate(values, calibrate_volumes=False, smoothing_mm=0.0, **fast)
+    plain = gen.generate(values, calibrate_volumes=False, **fast)
+    assert plain.sampling["smoothing_mm"] == 0.0 and torch.equal(plain.velocity, unfiltered.velocity)
+    asked = gen.generate(values, calibrate_volumes=False, smoothing_mm=8.0, **fast)
+    assert asked.sampling["smoothing_mm"] == 8.0 and not torch.allclose(asked.velocity, unfiltered.velocity)
+    assert gen.generate(values, **fast).sampling["smoothing_mm"] == 8.0
+
+
 def test_samples_average_the_velocities_of_one_batch_of_latents(tiny_generator):
     """``samples`` K: the decoder's mean velocity over K latents drawn in one batch, the first of which is the
     latent ``samples=1`` draws with the same seed; K = 1 is a single draw, the result differs from it."""

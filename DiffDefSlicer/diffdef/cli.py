@@ -102,11 +102,12 @@ def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
     g.add_argument("--smoothing", type=_non_negative_mm, metavar="MM",
                    help="Gaussian sigma (mm) applied to the averaged velocity before integration: removes the "
                         "decoder's fine-scale field; the volume calibration then gives the brain tissue back the "
-                        "volume it had before (default: the model's; 0 = none)")
+                        "volume it had before (default: the model's, 0 with --no-volume-calibration; 0 = none)")
     g.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight (default: the model's; 1 = none)")
     g.add_argument("--no-volume-calibration", action="store_true",
-                   help="keep the decoder's own label volumes; by default a requested volume (e.g. "
+                   help="keep the decoder's own label volumes (and leave out the model's default --smoothing, which "
+                        "the calibration pairs with); by default a requested volume (e.g. "
                         "--ventricle-volume) is met within 0.3 %% on the 1 mm grid by a small correction of the "
                         "deformation that leaves brain tissue unchanged (the sidecar records both volumes)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")

@@ -128,8 +128,11 @@ class AtlasGenerator:
         """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``, ``smoothing_mm``: see
         :meth:`velocity`. With ``calibrate_volumes`` each requested volume condition is met on the 1 mm grid
         (:mod:`diffdef.calibration`), and after a smoothing the structures the decoder was trained to hold at its
-        neighbourhood's volume (brain tissue) get back the volume they had before it; without it the atlas keeps
-        the (smoothed) decoder's own volumes."""
+        neighbourhood's volume (brain tissue) get back the volume they had before it. Without it the atlas keeps the
+        decoder's own volumes, so the bundle's default smoothing, which shrinks the ventricles and grows the tissue
+        until the calibration gives them back, is not applied (an explicit ``smoothing_mm`` is)."""
+        if smoothing_mm is None and not calibrate_volumes:
+            smoothing_mm = 0.0
         timings = {}
         t0 = time.perf_counter()
         mean, values, warnings, used = self._mean_velocity(conditions, seed, steps, guidance, samples, smoothing_mm,
