@@ -40,8 +40,10 @@ def test_calibration_meets_the_requested_volume_and_keeps_the_tissue(shipped):
 
 
 def test_without_a_requested_volume_nothing_changes(shipped):
+    # the calibration alone: the shipped default smoothing (which the calibration follows by restoring the tissue)
+    # is left out in both, as it is without the calibration
     own = shipped.generate({"age": 70}, calibrate_volumes=False, **FAST)
-    atlas = shipped.generate({"age": 70}, **FAST)
+    atlas = shipped.generate({"age": 70}, smoothing_mm=0.0, **FAST)
     assert atlas.volume_calibration == {}
     assert (atlas.labels == own.labels).all() and (atlas.velocity == own.velocity).all()
 
@@ -72,15 +74,18 @@ def test_a_volume_out_of_reach_is_a_warning_and_does_not_fold(shipped):
 
 def test_a_request_of_0_ml_is_reported_not_met(shipped):
     # 0 ml is a valid request (not negative), but no deformation empties the ventricles: the atlas keeps the
-    # decoder's, and says so
-    own = shipped.generate({"age": 65, "ventricle_volume": 0}, calibrate_volumes=False, **FAST)
-    atlas = shipped.generate({"age": 65, "ventricle_volume": 0}, **FAST)
-    report = atlas.volume_calibration["ventricle_volume"]
-    assert report == {"requested_ml": 0.0, "decoder_ml": pytest.approx(own.label_volumes_ml[LV], abs=0.002),
-                      "calibrated_ml": pytest.approx(own.label_volumes_ml[LV], abs=0.002), "evaluations": 0,
-                      "converged": False}
-    assert (atlas.labels == own.labels).all()
-    assert any("ventricle_volume = 0 ml could not be met exactly" in w for w in atlas.warnings)
+    # decoder's, and says so; with the shipped default smoothing, the smoothed one (its tissue restored)
+    asked = {"age": 65, "ventricle_volume": 0}
+    own = shipped.generate(asked, calibrate_volumes=False, **FAST)
+    for smoothing_mm in (0.0, None):
+        atlas = shipped.generate(asked, smoothing_mm=smoothing_mm, **FAST)
+        report = atlas.volume_calibration["ventricle_volume"]
+        assert report == {"requested_ml": 0.0, "decoder_ml": pytest.approx(own.label_volumes_ml[LV], abs=0.002),
+                          "calibrated_ml": pytest.approx(atlas.label_volumes_ml[LV], abs=0.002), "evaluations": 0,
+                          "converged": False}
+        assert any("ventricle_volume = 0 ml could not be met exactly" in w for w in atlas.warnings)
+    assert atlas.sampling["smoothing_mm"] == 4.0 and abs(_tissue(atlas) / _tissue(own) - 1) < 0.003
+    assert (shipped.generate(asked, smoothing_mm=0.0, **FAST).labels == own.labels).all()
 
 
 @pytest.mark.parametrize("decoder, needle", [

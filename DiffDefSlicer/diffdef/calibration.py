@@ -149,21 +149,27 @@ class VolumeCalibrator:
 
         With ``keep_held_of`` (a velocity like ``velocity``, e.g. the decoder's before a filter) the held structures
         (brain tissue) are first brought back to their 1 mm volume under that velocity, along their own gradients,
-        and then kept as above while the requested volumes are met."""
+        and then kept as above while the requested volumes are met; ``decoder_ml`` is then that velocity's volume
+        (what the decoder made, before the filter)."""
         asked = {n: float(v) for n, v in requested.items() if n in self.targets and v is not None}
         empty = [n for n, v in asked.items() if v <= 0]  # no map empties a structure (nor has 0 ml a log ratio)
         asked = {n: v for n, v in asked.items() if v > 0}
         searches = {n: (self.targets[n], v) for n, v in asked.items()}
+        reference = None  # the displacement whose volumes are reported as the decoder's; None: the decoded one
         if keep_held_of is not None:
-            held_ml = [self._measure(c, keep_held_of.detach().float())[0] for c in self.held_counters]
+            with torch.no_grad():
+                reference = fields.integrate_velocity(keep_held_of.detach().float(), self.steps)
+            held_ml = [self._measure(c, disp=reference)[0] for c in self.held_counters]
             searches = {**{f"held {i}": (c, v) for i, (c, v) in enumerate(zip(self.held_counters, held_ml))},
                         **searches}
         if not searches:
             decoded = fields.integrate_velocity(velocity.detach().float(), self.steps) if empty else None
-            return velocity, {n: self._not_calibrated(n, decoded, decoded) for n in empty}
+            own_disp = decoded if reference is None else reference
+            return velocity, {n: self._not_calibrated(n, own_disp, decoded) for n in empty}
         searched = ([*self.held] if keep_held_of is not None else []) + [self.coarse[n] for n in asked]
         projected_out = [] if keep_held_of is not None else [*self.held]  # held, not searched: kept to first order
         grads, coarse_volumes, decoded = self._gradients(velocity, torch.cat(searched + projected_out, 1))
+        own_disp = decoded if reference is None else reference  # the decoder's own volumes are reported from it
         basis = []  # orthonormal: the held volumes' gradients, then each calibrated volume's direction, in turn
 
         def orthogonal(g):
@@ -181,8 +187,7 @@ class VolumeCalibrator:
         report = {}
         for i, ((name, (counter, target)), g, coarse) in enumerate(zip(searches.items(), grads, coarse_volumes)):
             direction = orthogonal(g)
-            own, decoded_folds = self._measure(counter, disp=decoded)
-            before, base_folds = (own, decoded_folds) if i == 0 else self._measure(counter, base)
+            before, base_folds = self._measure(counter, disp=decoded) if i == 0 else self._measure(counter, base)
             ts, fs = [0.0], [math.log(before / target)]
             slope = float((g * direction).sum()) / coarse.item()  # d log V / dt at t = 0, on the working grid
             t = -fs[0] / slope if slope > 0 else 0.0
@@ -203,16 +208,18 @@ class VolumeCalibrator:
             base = base + ts[best] * direction
             add_to_basis(direction)
             if name in asked:
+                own = before if i == 0 and own_disp is decoded else self._measure(counter, disp=own_disp)[0]
                 report[name] = {"requested_ml": target, "decoder_ml": own,
                                 "calibrated_ml": target * math.exp(fs[best]), "evaluations": evaluations,
                                 "converged": bool(abs(fs[best]) < TOLERANCE)}
         if empty:
             final = fields.integrate_velocity(base, self.steps)
-            report.update({n: self._not_calibrated(n, decoded, final) for n in empty})
+            report.update({n: self._not_calibrated(n, own_disp, final) for n in empty})
         return base.to(velocity.dtype), report
 
     def _not_calibrated(self, name: str, decoded: torch.Tensor, final: torch.Tensor) -> dict:
-        """The report of a request of 0 ml, which is left as the decoder (and any other calibration) made it."""
+        """The report of a request of 0 ml, which is left as the decoder (and any other calibration) made it;
+        ``decoded``: the decoder's displacement, ``final``: the atlas's."""
         own = self._measure(self.targets[name], disp=decoded)[0]
         atlas = own if final is decoded else self._measure(self.targets[name], disp=final)[0]
         return {"requested_ml": 0.0, "decoder_ml": own, "calibrated_ml": atlas, "evaluations": 0, "converged": False}
