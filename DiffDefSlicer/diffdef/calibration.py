@@ -208,7 +208,7 @@ class VolumeCalibrator:
             base = base + ts[best] * direction
             add_to_basis(direction)
             if name in asked:
-                own = before if i == 0 and own_disp is decoded else self._measure(counter, disp=own_disp)[0]
+                own = before if i == 0 and reference is None else self._measure(counter, disp=own_disp)[0]
                 report[name] = {"requested_ml": target, "decoder_ml": own,
                                 "calibrated_ml": target * math.exp(fs[best]), "evaluations": evaluations,
                                 "converged": bool(abs(fs[best]) < TOLERANCE)}
