@@ -216,3 +216,24 @@ def test_template_label_fractions_are_the_pooled_one_hot(factor):
     onehot = F.one_hot(torch.from_numpy(template.labels[crop].astype(np.int64)), NUM_LABELS)
     expected = F.avg_pool3d(onehot.permute(3, 0, 1, 2)[None].float(), factor)
     assert torch.equal(template.on_working_grid(factor)[1], expected)
+
+
+def test_template_masks_and_bounding_boxes_equal_the_plain_numpy_ones():
+    """``Template.mask`` (a look-up table) equals ``np.isin``; ``bounding_box`` equals the extremes of
+    ``np.argwhere``, grown by a margin and clipped at the array's edges; an empty mask is refused."""
+    from diffdef.template import bounding_box, load_template
+
+    template = load_template()
+    for labels in ([4], [2, 3], [1, 2, 3, 4]):
+        mask = template.mask(labels)
+        assert np.array_equal(mask, np.isin(template.labels, labels)), labels
+        ijk = np.argwhere(mask)
+        for margin in (0, 3, 40):
+            lo, hi = bounding_box(mask, margin)
+            assert np.array_equal(lo, np.maximum(ijk.min(0) - margin, 0)), (labels, margin)
+            assert np.array_equal(hi, np.minimum(ijk.max(0) + margin, np.array(mask.shape) - 1)), (labels, margin)
+    corner = np.zeros((5, 6, 7), dtype=bool)
+    corner[4, 0, 6] = True
+    assert [b.tolist() for b in bounding_box(corner, 2)] == [[2, 0, 4], [4, 2, 6]]
+    with pytest.raises(ValueError, match="empty"):
+        bounding_box(np.zeros((3, 3, 3), dtype=bool))

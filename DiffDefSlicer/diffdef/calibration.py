@@ -24,7 +24,7 @@ import torch
 from . import fields, metrics
 from .bundle import Bundle, BundleError
 from .geometry import Grid
-from .template import NUM_LABELS, Template
+from .template import NUM_LABELS, Template, bounding_box
 
 TOLERANCE = 0.003  # |log(V / V requested)|: stop within 0.3 %
 HELD_TOLERANCE = 0.001  # the same for a held structure searched back after a filter (brain tissue: 0.1 % is 1.6 ml)
@@ -57,10 +57,9 @@ class LabelVolume:
     @classmethod
     def around(cls, template: Template, labels: list[int], margin_mm: int | None = None, stride: int = 2,
                mode: str = "bilinear") -> "LabelVolume":
-        mask = np.isin(template.labels, labels)
-        ijk = np.argwhere(mask)
-        return cls(torch.from_numpy(mask).float()[None, None], template.grid, ijk.min(0), ijk.max(0), margin_mm,
-                   stride, mode)
+        mask = template.mask(labels)
+        return cls(torch.from_numpy(mask).float()[None, None], template.grid, *bounding_box(mask), margin_mm, stride,
+                   mode)
 
     def samples(self, margin: np.ndarray) -> Grid:
         """The box grown by ``margin`` (template voxels, per axis), every ``stride``-th voxel."""

@@ -80,13 +80,14 @@ class Template:
     @functools.lru_cache(maxsize=1)
     def support(self) -> tuple[np.ndarray, np.ndarray]:
         """``(lo, hi)``: inclusive (i, j, k) corners of the box outside which T1 and labels are 0 (the head)."""
-        inside = (self.t1 != 0) | (self.labels != 0)
-        lo, hi = [], []
-        for axis in range(3):
-            hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
-            lo.append(hit[0])
-            hi.append(hit[-1])
-        return np.array(lo), np.array(hi)
+        return bounding_box((self.t1 != 0) | (self.labels != 0))
+
+    def mask(self, labels) -> np.ndarray:
+        """Boolean (i, j, k) mask of the voxels whose label is one of ``labels`` (a look-up table on the uint8
+        labels: half the time of ``np.isin``)."""
+        table = np.zeros(256, dtype=bool)
+        table[list(labels)] = True
+        return table[self.labels]
 
     @functools.lru_cache(maxsize=4)
     def on_working_grid(self, factor: int = DEFAULT_FACTOR) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +104,20 @@ class Template:
 
     def __hash__(self):
         return id(self)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)``: inclusive (i, j, k) voxel corners of the smallest box holding every True voxel of a non-empty
+    3-D ``mask``, grown by ``margin`` voxels on every side and clipped to the array. From the mask's projections on
+    each axis: 0.003 s on the 1 mm grid where ``np.argwhere`` took 0.12 s."""
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            raise ValueError("The mask is empty: it has no bounding box.")
+        lo.append(max(int(hit[0]) - margin, 0))
+        hi.append(min(int(hit[-1]) + margin, mask.shape[axis] - 1))
+    return np.array(lo), np.array(hi)
 
 
 @functools.lru_cache(maxsize=1)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from diffdef import fields, metrics
 from diffdef.geometry import displacement_from_mm
 from diffdef.io import atomic_path
-from diffdef.template import CROP_SIZE, CROP_START, GM, LABEL_NAMES, VENTRICLES, WM
+from diffdef.template import CROP_SIZE, CROP_START, GM, LABEL_NAMES, VENTRICLES, WM, bounding_box
 
 from . import baselines
 
@@ -138,11 +138,9 @@ class Context:
         _, frac = self.template.on_working_grid(self.factor)
         self.brain_work = frac[:, 1:].sum(1, keepdim=True) > 0.5  # as the decoder's objective
         # smoothness is averaged over the template's brain: its bounding box (+2 voxels) gives the same gradients
-        brain = np.argwhere(self.template.labels > 0)
-        lo, hi = np.maximum(brain.min(0) - 2, 0), np.minimum(brain.max(0) + 3, self.template.grid.shape)
-        self.brain_box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        self.brain_box, lo, size = _box(self.template.labels > 0, 2)
         self.brain_box_mask = self.template.labels[self.brain_box] > 0
-        self.brain_box_grid = self.template.grid.crop(lo, hi - lo)
+        self.brain_box_grid = self.template.grid.crop(lo, size)
         self.figure_slice = int(np.round(np.argwhere(self.template.labels == VENTRICLES)[:, 2].mean()))
         held = SyntheticCohort(self.held_out, self.cohort_seed, self.factor, offset=self.cohort_size, law=self.law)
         items = [held[i] for i in range(len(held))]
@@ -211,12 +209,15 @@ class Context:
         return out
 
 
+def _box(mask: np.ndarray, margin: int) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """(slices, start, size) of ``mask``'s bounding box grown by ``margin`` voxels, clipped to the array."""
+    lo, hi = bounding_box(mask, margin)
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi)), lo, hi + 1 - lo
+
+
 def _hd95_boxed(pred: np.ndarray, ref: np.ndarray, value: int) -> float:
     """metrics.hd95 of one label on the bounding box of both masks (+2 voxels): the same distances, faster."""
-    both = np.argwhere((pred == value) | (ref == value))
-    lo = np.maximum(both.min(0) - 2, 0)
-    hi = np.minimum(both.max(0) + 3, pred.shape)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sl = _box((pred == value) | (ref == value), 2)[0]
     return metrics.hd95(pred[sl] == value, ref[sl] == value, spacing=1.0, labels=[1])[1]
 
 
@@ -287,9 +288,7 @@ def _truth(ctx: Context, values: dict) -> dict:
     t = ctx.law.true_atlas(values["age"], values["ventricle_volume"])
     labels = t["labels"][0, 0].numpy().astype(np.uint8)
     image = t["image"][0, 0]
-    brain = np.argwhere(labels > 0)
-    lo, hi = np.maximum(brain.min(0) - 3, 0), np.minimum(brain.max(0) + 4, labels.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # NCC / SSIM: the true brain's bounding box
+    box = _box(labels > 0, 3)[0]  # NCC / SSIM: the true brain's bounding box
     mask = torch.from_numpy(labels[box] > 0)
     det = fields.jacobian_determinant(t["displacement"])
     return {"labels": labels[_CROP], "labels_full": labels, "t1": image.numpy(), "mask": mask, "box": box,
