@@ -3,11 +3,12 @@ misses the requested ventricle volume at 40 years (outside its training ages) by
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
 from diffdef.bundle import BundleError, load_bundle
-from diffdef.calibration import VolumeCalibrator, bundle_volume_labels
+from diffdef.calibration import MAX_EVALUATIONS, VolumeCalibrator, bundle_volume_labels, secant_search
 from diffdef.generate import AtlasGenerator
 
 FAST = {"steps": 5, "samples": 1, "seed": 0}
@@ -32,7 +33,7 @@ def test_calibration_meets_the_requested_volume_and_keeps_the_tissue(shipped):
     assert abs(_tissue(atlas) / _tissue(own) - 1) < 0.002  # brain tissue held (its gradient is projected out)
     assert atlas.folding_ratio == 0.0
     report = atlas.volume_calibration["ventricle_volume"]
-    assert report["requested_ml"] == 13.1 and report["converged"] and 1 <= report["evaluations"] <= 6
+    assert report["requested_ml"] == 13.1 and report["converged"] and 1 <= report["evaluations"] <= 3
     assert report["calibrated_ml"] == pytest.approx(atlas.label_volumes_ml[LV], abs=0.002)  # what it met is the map's
     assert abs(report["decoder_ml"] / own.label_volumes_ml[LV] - 1) < 0.03  # what the decoder alone made
     assert atlas.sampling["calibrate_volumes"] is True and own.sampling["calibrate_volumes"] is False
@@ -64,7 +65,7 @@ def test_after_a_smoothing_the_tissue_gets_back_the_decoders_volume(shipped):
 def test_a_volume_out_of_reach_is_a_warning_and_does_not_fold(shipped):
     atlas = shipped.generate({"age": 65, "ventricle_volume": 400}, **FAST)
     report = atlas.volume_calibration["ventricle_volume"]
-    assert not report["converged"] and report["evaluations"] == 6
+    assert not report["converged"] and report["evaluations"] == MAX_EVALUATIONS
     assert report["decoder_ml"] < report["calibrated_ml"] < 400  # it went as far as it could
     # counted on a box grown by the displacement's own reach: still the whole label map's count, this far out
     assert report["calibrated_ml"] == pytest.approx(atlas.label_volumes_ml[LV], abs=0.002)
@@ -109,3 +110,42 @@ def test_a_bundle_without_volume_terms_is_not_calibrated(shipped):
     velocity = shipped.velocity({"age": 70, "ventricle_volume": 30}, steps=2, samples=1)[0]
     same, report = VolumeCalibrator(bundle, shipped.template)(velocity, {"ventricle_volume": 30.0})
     assert report == {} and same is velocity
+
+
+def test_the_search_takes_the_plain_secant_where_the_volume_is_smooth():
+    """A smooth increasing f: the points are the plain secant's (t1, then the secant through the last two)."""
+    f = lambda t: math.log((10 + 3 * t + 0.2 * t * t) / 14)
+    calls = []
+    t, value, evaluations = secant_search(lambda t: calls.append(t) or f(t), f(0.0), 1.0, 0.003)
+    plain = [0.0, 1.0]
+    while len(plain) < len(calls) + 1:
+        a, b = plain[-2:]
+        plain.append(b - f(b) * (b - a) / (f(b) - f(a)))
+    assert calls == plain[1:] and abs(value) < 0.003 and value == f(t) and evaluations == len(calls) <= 4
+
+
+def test_the_search_crosses_a_staircase():
+    """The 1 mm nearest-neighbour count near the identity warp: flat for small steps, then a steep rise (as the
+    shipped model's ventricles at 50 y / 17.1 ml with a 6 mm smoothing). The gradient's first step does not move it
+    here, where the plain secant stops (the model's count moved by 3 voxels, and its secant went 60 steps out); the
+    safeguarded one widens its steps and meets the volume within tolerance."""
+    def staircase(t):  # ml: 16.92 up to t = 4, then 0.4 ml more per unit of t, in whole voxels (0.001 ml)
+        return math.log((16.92 + max(0.0, t - 4.0) * 0.4 // 0.001 * 0.001) / 17.1)
+
+    t, value, evaluations = secant_search(staircase, staircase(0.0), 1.0, 0.003)
+    assert abs(value) < 0.003 and value == staircase(t) and evaluations <= 6
+    assert 4.32 < t < 4.58  # where 16.92 + 0.4 (t - 4) ml is within 0.3 % of 17.1
+
+
+def test_the_search_backs_off_where_the_map_folds_and_stops_at_its_budget():
+    """None (a fold) at t: the next try is halfway back; an unreachable root uses every evaluation and returns
+    the nearest point that did not fold."""
+    calls = []
+
+    def capped(t):  # folds beyond t = 2; the root (t = 5) is out of reach
+        calls.append(t)
+        return None if t > 2 else t / 5 - 1
+
+    t, value, evaluations = secant_search(capped, -1.0, 4.0, 0.003, max_evaluations=8)
+    assert calls[:2] == [4.0, 2.0] and evaluations == 8 and t <= 2 and value == pytest.approx(t / 5 - 1)
+    assert secant_search(capped, -1.0, 0.0, 0.003) == (0.0, -1.0, 0)  # no step (e.g. a zero slope): nothing measured
