@@ -237,7 +237,8 @@ class VolumeCalibrator:
 
             def log_ratio(t):  # called only within this iteration: the loop's names are this search's
                 volume, folds = self._measure(counter, base + t * direction)
-                return None if folds and not base_folds else math.log(volume / target)
+                # a label the map lost entirely (1 mm nearest neighbour) counts as a thousandth of a voxel
+                return None if folds and not base_folds else math.log(max(volume, 1e-6) / target)
 
             f0 = math.log(before / target)
             t, f, evaluations = secant_search(log_ratio, f0, -f0 / slope if slope > 0 else 0.0,
