@@ -20,44 +20,65 @@ def shipped():
     return AtlasGenerator(None, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def without_fit():
+    """The shipped model as a bundle exported before bundles carried the cohort's tissue fit (``held_volumes``)."""
+    bundle = load_bundle(networks_wanted=("diffusion", "condition_embedding", "decoder", "registration"))
+    bundle.meta = copy.deepcopy(bundle.meta)
+    del bundle.meta["held_volumes"]
+    return AtlasGenerator(bundle, device="cpu")
+
+
 def _tissue(atlas):
     return sum(atlas.label_volumes_ml[n] for n in TISSUE)
 
 
-def test_calibration_meets_the_requested_volume_and_keeps_the_tissue(shipped):
+def _fit(generator, asked):
+    return generator.calibrator.held_targets(generator.spec.validate(asked)[0])[0]
+
+
+def test_calibration_meets_the_requested_volume_and_the_cohorts_tissue(shipped, without_fit):
     asked = {"age": 40, "ventricle_volume": 13.1}
     own = shipped.generate(asked, calibrate_volumes=False, **FAST)
     atlas = shipped.generate(asked, **FAST)
     assert abs(own.label_volumes_ml[LV] / 13.1 - 1) > 0.05  # the decoder alone misses it here
     assert abs(atlas.label_volumes_ml[LV] / 13.1 - 1) < 0.003  # the 1 mm label count the sidecar reports
-    assert abs(_tissue(atlas) / _tissue(own) - 1) < 0.002  # brain tissue held (its gradient is projected out)
+    assert abs(_tissue(atlas) / _fit(shipped, asked) - 1) < 0.002  # brain tissue: the cohort's for the condition
+    assert [(h["labels"], h["source"], h["converged"]) for h in atlas.held_volumes] == [([2, 3], "cohort fit", True)]
+    # without the fit and without a smoothing, the decoder's tissue is kept (its gradient projected out)
+    kept = without_fit.generate(asked, smoothing_mm=0.0, **FAST)
+    assert abs(_tissue(kept) / _tissue(own) - 1) < 0.002 and kept.held_volumes == []
     assert atlas.folding_ratio == 0.0
     report = atlas.volume_calibration["ventricle_volume"]
-    assert report["requested_ml"] == 13.1 and report["converged"] and 1 <= report["evaluations"] <= 3
+    assert report["requested_ml"] == 13.1 and report["converged"] and 1 <= report["evaluations"] <= 4
     assert report["calibrated_ml"] == pytest.approx(atlas.label_volumes_ml[LV], abs=0.002)  # what it met is the map's
     assert abs(report["decoder_ml"] / own.label_volumes_ml[LV] - 1) < 0.03  # what the decoder alone made
     assert atlas.sampling["calibrate_volumes"] is True and own.sampling["calibrate_volumes"] is False
     assert own.volume_calibration == {} and "volume_calibration_s" in atlas.timings
 
 
-def test_without_a_requested_volume_nothing_changes(shipped):
+def test_without_a_requested_volume_only_the_tissue_changes(shipped, without_fit):
     # the calibration alone: the shipped default smoothing (which the calibration follows by restoring the tissue)
-    # is left out in both, as it is without the calibration
-    own = shipped.generate({"age": 70}, calibrate_volumes=False, **FAST)
-    atlas = shipped.generate({"age": 70}, smoothing_mm=0.0, **FAST)
-    assert atlas.volume_calibration == {}
+    # is left out, as it is without the calibration; a bundle without the tissue fit then changes nothing
+    own = without_fit.generate({"age": 70}, calibrate_volumes=False, **FAST)
+    atlas = without_fit.generate({"age": 70}, smoothing_mm=0.0, **FAST)
+    assert atlas.volume_calibration == {} and atlas.held_volumes == []
     assert (atlas.labels == own.labels).all() and (atlas.velocity == own.velocity).all()
+    fitted = shipped.generate({"age": 70}, smoothing_mm=0.0, **FAST)
+    assert fitted.volume_calibration == {} and abs(_tissue(fitted) / _fit(shipped, {"age": 70}) - 1) < 0.002
 
 
-def test_after_a_smoothing_the_tissue_gets_back_the_decoders_volume(shipped):
+def test_after_a_smoothing_the_tissue_gets_back_the_decoders_volume(without_fit):
     """The velocity filter (``smoothing_mm``) also removes part of the decoder's fine-scale atrophy: brain tissue
-    grows. The calibration brings it back to the unfiltered decoder's volume, then meets the requested one."""
+    grows. Without the cohort's tissue fit, the calibration brings it back to the unfiltered decoder's volume, then
+    meets the requested one."""
     asked = {"age": 80, "ventricle_volume": 37.9}
-    own = shipped.generate(asked, **FAST)
-    filtered = shipped.generate(asked, smoothing_mm=8.0, calibrate_volumes=False, **FAST)
-    atlas = shipped.generate(asked, smoothing_mm=8.0, **FAST)
+    own = without_fit.generate(asked, **FAST)
+    filtered = without_fit.generate(asked, smoothing_mm=8.0, calibrate_volumes=False, **FAST)
+    atlas = without_fit.generate(asked, smoothing_mm=8.0, **FAST)
     assert _tissue(filtered) / _tissue(own) - 1 > 0.005
     assert abs(_tissue(atlas) / _tissue(own) - 1) < 0.003
+    assert [h["source"] for h in atlas.held_volumes] == ["decoder"]
     assert abs(atlas.label_volumes_ml[LV] / 37.9 - 1) < 0.003 and atlas.folding_ratio == 0.0
     assert set(atlas.volume_calibration) == {"ventricle_volume"} and atlas.sampling["smoothing_mm"] == 8.0
 
@@ -73,9 +94,9 @@ def test_a_volume_out_of_reach_is_a_warning_and_does_not_fold(shipped):
     assert atlas.folding_ratio == 0.0
 
 
-def test_a_request_of_0_ml_is_reported_not_met(shipped):
+def test_a_request_of_0_ml_is_reported_not_met(shipped, without_fit):
     # 0 ml is a valid request (not negative), but no deformation empties the ventricles: the atlas keeps the
-    # decoder's, and says so; with the shipped default smoothing, the smoothed one (its tissue restored)
+    # decoder's (after the tissue's calibration), and says so
     asked = {"age": 65, "ventricle_volume": 0}
     own = shipped.generate(asked, calibrate_volumes=False, **FAST)
     for smoothing_mm in (0.0, None):
@@ -86,8 +107,9 @@ def test_a_request_of_0_ml_is_reported_not_met(shipped):
                           "converged": False}
         assert any("ventricle_volume = 0 ml could not be met exactly" in w for w in atlas.warnings)
     assert atlas.sampling["smoothing_mm"] == shipped.sampling["smoothing_mm"] > 0
-    assert abs(_tissue(atlas) / _tissue(own) - 1) < 0.003
-    assert (shipped.generate(asked, smoothing_mm=0.0, **FAST).labels == own.labels).all()
+    assert abs(_tissue(atlas) / _fit(shipped, asked) - 1) < 0.003
+    plain = without_fit.generate(asked, calibrate_volumes=False, **FAST)
+    assert (without_fit.generate(asked, smoothing_mm=0.0, **FAST).labels == plain.labels).all()
 
 
 @pytest.mark.parametrize("decoder, needle", [
@@ -109,8 +131,8 @@ def test_a_bundle_without_volume_terms_is_not_calibrated(shipped):
     del bundle.meta["provenance"]["config"]
     assert bundle_volume_labels(bundle) == ({}, [])
     velocity = shipped.velocity({"age": 70, "ventricle_volume": 30}, steps=2, samples=1)[0]
-    same, report = VolumeCalibrator(bundle, shipped.template)(velocity, {"ventricle_volume": 30.0})
-    assert report == {} and same is velocity
+    same, report, held = VolumeCalibrator(bundle, shipped.template)(velocity, {"ventricle_volume": 30.0})
+    assert report == {} and held == [] and same is velocity
 
 
 def test_the_search_takes_the_plain_secant_where_the_volume_is_smooth():

@@ -6,9 +6,11 @@ for the shipped model (docs/evaluation.md). The calibration makes the atlas meas
 decoded velocity (working grid, voxels) along the requested volume's own gradient, smoothed, with the gradients of
 the volumes the decoder was trained to keep at its neighbourhood's (``decoder.neighbourhood_volume_labels``: brain
 tissue) projected out, so that to first order only the requested structure changes; a secant search on that line
-finds where the volume of the atlas's 1 mm label map equals the request (within 0.3 %). After a filter on the
-velocity (``smoothing_mm`` at generation), the held structures are first searched back, the same way along their own
-gradient, to the volume they had before it (on every other 1 mm voxel: brain tissue's box is large). The labels and
+finds where the volume of the atlas's 1 mm label map equals the request (within 0.3 %). Before that the held
+structures are searched, the same way along their own gradient, to the volume the training cohort gives the
+condition (a bundle's ``held_volumes``: :class:`HeldVolumeModel`), or in a bundle without that model, after a
+filter on the velocity (``smoothing_mm`` at generation), back to the volume they had before it (on every other 1 mm
+voxel: brain tissue's box is large). The labels and
 their roles are those of the bundle's training configuration (``provenance.config.decoder``), so a model retrained
 on another cohort calibrates its own volume conditions. Why not in MONAI: it is a property of this model's outputs,
 a few lines on top of the warps of :mod:`diffdef.fields`.
@@ -99,6 +101,46 @@ def bundle_volume_labels(bundle: Bundle) -> tuple[dict, list[list[int]]]:
     return dict(volume_labels), held
 
 
+class HeldVolumeModel:
+    """The bundle's model of its held volumes (model.json ``held_volumes``, fitted on the training cohort by
+    ``diffdef_training.held_volumes``): per set of conditions, the log of each held group's volume (ml), linear in
+    the conditions (each of ``log_conditions`` by its logarithm, below the cohort's smallest value taken at it).
+    :meth:`volumes_ml` evaluates the fit of the conditions a request gives (or of the largest set of them that has
+    one)."""
+
+    def __init__(self, entry: dict, bundle: Bundle, held: list[list[int]]):
+        spec = bundle.spec
+        try:
+            if entry["labels"] != held:
+                raise ValueError(f"its labels {entry['labels']!r} are not the decoder's held groups {held!r}")
+            self.log_names = set(entry["log_conditions"])
+            self.fits = []
+            for f in entry["fits"]:
+                names = list(f["conditions"])
+                unknown = [n for n in names + sorted(self.log_names) if n not in spec.names]
+                if unknown:
+                    raise ValueError(f"{unknown[0]!r} is not a condition of the model")
+                intercept = np.asarray(f["intercept"], dtype=float)
+                slopes = np.asarray(f["slopes"], dtype=float).reshape(len(names), len(held))
+                if intercept.shape != (len(held),) or not (np.isfinite(intercept).all() and np.isfinite(slopes).all()):
+                    raise ValueError("a fit's coefficients are not one finite number per held group")
+                self.fits.append((names, intercept, slopes))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"model.json's held_volumes is invalid ({exc}); re-export the bundle from its training "
+                              "run or write it again with diffdef-train held-volumes.") from exc
+        if not any(names == [] for names, *_ in self.fits):
+            raise BundleError("model.json's held_volumes has no fit without conditions; re-export the bundle from its "
+                              "training run or write it again with diffdef-train held-volumes.")
+        self.low = {c.name: c.low for c in spec.conditions}
+
+    def volumes_ml(self, values: dict) -> np.ndarray:
+        """Validated values ``{name: value or None}`` -> each held group's volume (ml)."""
+        given = {n for n, v in values.items() if v is not None}
+        names, intercept, slopes = max((f for f in self.fits if set(f[0]) <= given), key=lambda f: len(f[0]))
+        x = np.array([math.log(max(values[n], self.low[n])) if n in self.log_names else values[n] for n in names])
+        return np.exp(intercept + x @ slopes)
+
+
 def secant_search(measure: Callable[[float], float | None], f0: float, t1: float, tolerance: float,
                   max_evaluations: int = MAX_EVALUATIONS) -> tuple[float, float, int]:
     """The point nearest a root of ``f``, an increasing function of ``t`` with ``f(0) = f0``, searched from ``t1``:
@@ -148,6 +190,7 @@ class VolumeCalibrator:
 
     def __init__(self, bundle: Bundle, template: Template):
         labels, held = bundle_volume_labels(bundle)
+        self.held_labels = held
         self.working_grid = bundle.working_grid
         self.steps = int(bundle.meta["sampling"].get("integration_steps", fields.DEFAULT_INTEGRATION_STEPS))
         self.targets = {name: LabelVolume.around(template, [label], stride=1, mode="nearest")
@@ -162,6 +205,8 @@ class VolumeCalibrator:
         self.coarse = {name: fractions[:, [label]] for name, label in labels.items()}
         self.held = [fractions[:, group].sum(1, keepdim=True) for group in held]  # structures that keep their volume
         self.held_counters = [LabelVolume.around(template, group, mode="nearest") for group in held]  # 1/8 sample
+        entry = bundle.meta.get("held_volumes")
+        self.held_model = HeldVolumeModel(entry, bundle, held) if entry is not None and held else None
         from monai.networks.layers import GaussianFilter  # lazily, as every MONAI import here: not at import time
 
         self.smooth = GaussianFilter(3, SMOOTHING_VOXELS, truncated=3.0, approx="sampled")
@@ -185,18 +230,31 @@ class VolumeCalibrator:
         grads = torch.autograd.grad(volumes.sum(), copies)[0]
         return [smooth(g[None]) for g in grads], volumes.detach(), disp[:1].detach()
 
-    def __call__(self, velocity: torch.Tensor, requested: dict,
-                 keep_held_of: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """``velocity`` (1, 3, ...) working-grid voxels and ``{condition: ml}`` (None = not asked) -> the calibrated
-        velocity and, per calibrated condition, ``requested_ml``, ``decoder_ml`` and ``calibrated_ml`` (the atlas
-        label map's 1 mm count), ``evaluations`` and ``converged`` (within 0.3 %; False when the search stopped short,
-        e.g. where a larger step would fold the map, and for a request of 0 ml, which is reported, not met).
+    def held_targets(self, values: dict) -> list[float] | None:
+        """The held groups' volumes (ml, 1 mm) that the cohort's fit gives for validated ``values``; None for a
+        bundle without one."""
+        if self.held_model is None:
+            return None
+        return [float(v) for v in self.held_model.volumes_ml(values)]
 
-        With ``keep_held_of`` (a velocity like ``velocity``, e.g. the decoder's before a filter) the held structures
-        (brain tissue) are first brought back to their 1 mm volume under that velocity, along their own gradients,
-        and then kept as above while the requested volumes are met; ``decoder_ml`` is then that velocity's volume
-        (what the decoder made, before the filter)."""
-        asked = {n: float(v) for n, v in requested.items() if n in self.targets and v is not None}
+    def __call__(self, velocity: torch.Tensor, values: dict,
+                 keep_held_of: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, list]:
+        """``velocity`` (1, 3, ...) working-grid voxels and validated condition ``values`` (None = not given; a
+        volume condition's value in ml is the volume asked) -> the calibrated velocity; per calibrated condition
+        ``requested_ml``, ``decoder_ml`` and ``calibrated_ml`` (the atlas label map's 1 mm count), ``evaluations``
+        and ``converged`` (within 0.3 %; False when the search stopped short, e.g. where a larger step would fold
+        the map, and for a request of 0 ml, which is reported, not met); and per held group (brain tissue)
+        ``labels``, ``target_ml``, its ``source``, ``evaluations`` and ``converged`` (its search met it within
+        0.1 %, counted on every other 1 mm voxel; the searches after it keep it to first order), empty where the
+        held groups were not searched.
+
+        A bundle with a held-volume model (:class:`HeldVolumeModel`) first brings the held groups to the volumes
+        its fit gives for ``values``, along their own gradients; a bundle without one, given ``keep_held_of`` (a
+        velocity like ``velocity``, e.g. the decoder's before a filter), to their 1 mm volume under that velocity.
+        Then the requested volumes are met, the held ones kept to first order (their gradients projected out).
+        ``decoder_ml`` is the volume under ``keep_held_of`` where given (what the decoder made, before the
+        filter)."""
+        asked = {n: float(v) for n, v in values.items() if n in self.targets and v is not None}
         empty = [n for n, v in asked.items() if v <= 0]  # no map empties a structure (nor has 0 ml a log ratio)
         asked = {n: v for n, v in asked.items() if v > 0}
         searches = {n: (self.targets[n], v) for n, v in asked.items()}
@@ -204,15 +262,18 @@ class VolumeCalibrator:
         if keep_held_of is not None:
             with torch.no_grad():
                 reference = fields.integrate_velocity(keep_held_of.detach().float(), self.steps)
-            held_ml = [self._measure(c, disp=reference)[0] for c in self.held_counters]
+        held_ml, source = self.held_targets(values), "cohort fit"
+        if held_ml is None and reference is not None:
+            held_ml, source = [self._measure(c, disp=reference)[0] for c in self.held_counters], "decoder"
+        if held_ml is not None:
             searches = {**{f"held {i}": (c, v) for i, (c, v) in enumerate(zip(self.held_counters, held_ml))},
                         **searches}
         if not searches:
             decoded = fields.integrate_velocity(velocity.detach().float(), self.steps) if empty else None
             own_disp = decoded if reference is None else reference
-            return velocity, {n: self._not_calibrated(n, own_disp, decoded) for n in empty}
-        searched = ([*self.held] if keep_held_of is not None else []) + [self.coarse[n] for n in asked]
-        projected_out = [] if keep_held_of is not None else [*self.held]  # held, not searched: kept to first order
+            return velocity, {n: self._not_calibrated(n, own_disp, decoded) for n in empty}, []
+        searched = ([*self.held] if held_ml is not None else []) + [self.coarse[n] for n in asked]
+        projected_out = [] if held_ml is not None else [*self.held]  # held, not searched: kept to first order
         grads, coarse_volumes, decoded = self._gradients(velocity, torch.cat(searched + projected_out, 1))
         own_disp = decoded if reference is None else reference  # the decoder's own volumes are reported from it
         basis = []  # orthonormal: the held volumes' gradients, then each calibrated volume's direction, in turn
@@ -229,7 +290,7 @@ class VolumeCalibrator:
         for g in grads[len(searches):]:
             add_to_basis(orthogonal(g))
         base = velocity.detach().float()
-        report = {}
+        report, held_report = {}, []
         for i, ((name, (counter, target)), g, coarse) in enumerate(zip(searches.items(), grads, coarse_volumes)):
             direction = orthogonal(g)
             before, base_folds = self._measure(counter, disp=decoded) if i == 0 else self._measure(counter, base)
@@ -249,10 +310,13 @@ class VolumeCalibrator:
                 own = before if i == 0 and reference is None else self._measure(counter, disp=own_disp)[0]
                 report[name] = {"requested_ml": target, "decoder_ml": own, "calibrated_ml": target * math.exp(f),
                                 "evaluations": evaluations, "converged": bool(abs(f) < TOLERANCE)}
+            else:
+                held_report.append({"labels": self.held_labels[i], "target_ml": target, "source": source,
+                                    "evaluations": evaluations, "converged": bool(abs(f) < HELD_TOLERANCE)})
         if empty:
             final = fields.integrate_velocity(base, self.steps)
             report.update({n: self._not_calibrated(n, own_disp, final) for n in empty})
-        return base.to(velocity.dtype), report
+        return base.to(velocity.dtype), report, held_report
 
     def _not_calibrated(self, name: str, decoded: torch.Tensor, final: torch.Tensor) -> dict:
         """The report of a request of 0 ml, which is left as the decoder (and any other calibration) made it;

@@ -101,15 +101,17 @@ def _common(spec, range_ok: bool) -> argparse.ArgumentParser:
                         "1 = a single draw)")
     g.add_argument("--smoothing", type=_non_negative_mm, metavar="MM",
                    help="Gaussian sigma (mm) applied to the averaged velocity before integration: removes the "
-                        "decoder's fine-scale field; the volume calibration then gives the brain tissue back the "
-                        "volume it had before (default: the model's, 0 with --no-volume-calibration; 0 = none)")
+                        "decoder's fine-scale field; the volume calibration then sets the brain tissue's volume "
+                        "(default: the model's, 0 with --no-volume-calibration; 0 = none)")
     g.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight (default: the model's; 1 = none)")
     g.add_argument("--no-volume-calibration", action="store_true",
                    help="keep the decoder's own label volumes (and leave out the model's default --smoothing, which "
                         "the calibration pairs with); by default a requested volume (e.g. "
                         "--ventricle-volume) is met within 0.3 %% on the 1 mm grid by a small correction of the "
-                        "deformation that leaves brain tissue unchanged (the sidecar records both volumes)")
+                        "deformation, and brain tissue gets the volume the training cohort has at the conditions "
+                        "(models that carry that fit; else the decoder's), within 0.1 %% (the sidecar records "
+                        "every volume before and after)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     g.add_argument("--jacobian", action="store_true", help="also write the Jacobian determinant map")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

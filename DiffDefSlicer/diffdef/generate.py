@@ -14,7 +14,7 @@ from .bundle import NETWORKS, Bundle, load_bundle
 from .calibration import VolumeCalibrator
 from .geometry import Grid, displacement_to_mm
 from .sampling import Cancelled, sample_latents
-from .template import LABELS, load_template
+from .template import LABEL_NAMES, load_template
 
 __all__ = ["Atlas", "AtlasGenerator", "Cancelled", "resolve_device"]
 
@@ -43,7 +43,10 @@ class Atlas:
     ``folding_ratio``: % of working-grid voxels with det J <= 0 (where the map is integrated); with
     ``jacobian`` the 1 mm det J map is kept and ``folding_ratio_1mm`` is measured on it as well.
     ``volume_calibration``: per requested volume condition, the decoder's volume and the calibrated one
-    (:class:`~diffdef.calibration.VolumeCalibrator`); empty when none was asked or calibration was off."""
+    (:class:`~diffdef.calibration.VolumeCalibrator`); empty when none was asked or calibration was off.
+    ``held_volumes``: per held label group (brain tissue), the volume it was brought to and why (the training
+    cohort's fit, or the decoder's before the smoothing) and ``atlas_ml``, the label map's 1 mm count; empty where
+    none was searched."""
 
     t1: np.ndarray
     labels: np.ndarray
@@ -62,6 +65,7 @@ class Atlas:
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     volume_calibration: dict = field(default_factory=dict)
+    held_volumes: list = field(default_factory=list)
 
 
 class AtlasGenerator:
@@ -127,8 +131,10 @@ class AtlasGenerator:
                  cancel: Callable | None = None) -> Atlas:
         """The atlas for ``conditions``; ``steps``, ``guidance``, ``samples``, ``smoothing_mm``: see
         :meth:`velocity`. With ``calibrate_volumes`` each requested volume condition is met on the 1 mm grid
-        (:mod:`diffdef.calibration`), and after a smoothing the structures the decoder was trained to hold at its
-        neighbourhood's volume (brain tissue) get back the volume they had before it. Without it the atlas keeps the
+        (:mod:`diffdef.calibration`), and the structures the decoder was trained to hold at its neighbourhood's
+        volume (brain tissue) get the volume the training cohort's fit gives the conditions (a bundle's
+        ``held_volumes``), or, in a bundle without that fit, after a smoothing, the volume they had before it.
+        Without it the atlas keeps the
         decoder's own volumes, so the bundle's default smoothing, which shrinks the ventricles and grows the tissue
         until the calibration gives them back, is not applied (an explicit ``smoothing_mm`` is)."""
         if smoothing_mm is None and not calibrate_volumes:
@@ -141,13 +147,13 @@ class AtlasGenerator:
         timings["sampling_and_decoding_s"] = time.perf_counter() - t0
         if cancel is not None and cancel():
             raise Cancelled("Generation was cancelled.")
-        calibration, used = {}, {**used, "calibrate_volumes": bool(calibrate_volumes)}
+        calibration, held, used = {}, [], {**used, "calibrate_volumes": bool(calibrate_volumes)}
         if calibrate_volumes:
             if progress:
                 progress(0.82, "Calibrating the requested volumes")
             t = time.perf_counter()
-            velocity, calibration = self.calibrator(velocity, values,
-                                                    keep_held_of=mean if used["smoothing_mm"] > 0 else None)
+            velocity, calibration, held = self.calibrator(velocity, values,
+                                                          keep_held_of=mean if used["smoothing_mm"] > 0 else None)
             timings["volume_calibration_s"] = time.perf_counter() - t
             warnings = warnings + [f"{n} = {c['requested_ml']:g} ml could not be met exactly: the atlas has "
                                    f"{c['calibrated_ml']:.1f} ml (the decoder gave {c['decoder_ml']:.1f} ml)."
@@ -169,17 +175,19 @@ class AtlasGenerator:
             det = fields.jacobian_determinant(disp) if jacobian else None
         timings["warping_s"] = time.perf_counter() - t
         labels_np = labels[0, 0].cpu().numpy().astype(np.uint8)
+        volumes = self.template.label_volumes_ml(labels_np)
+        held = [{**h, "atlas_ml": sum(volumes[LABEL_NAMES[v]] for v in h["labels"])} for h in held]
         work = self.bundle.working_grid
         as_ijk3 = lambda d, g: displacement_to_mm(d, g)[0].permute(1, 2, 3, 0).cpu().numpy()
         atlas = Atlas(
             t1=t1[0, 0].cpu().numpy(), labels=labels_np, displacement_mm=as_ijk3(disp, self.template.grid),
             grid=self.template.grid, conditions=values, seed=int(seed), sampling=used,
             folding_ratio=metrics.folding_ratio(fields.jacobian_determinant(disp_work)),
-            label_volumes_ml=self.template.label_volumes_ml(labels_np), velocity=velocity.cpu(),
+            label_volumes_ml=volumes, velocity=velocity.cpu(),
             working_displacement_mm=as_ijk3(disp_work, work), working_grid=work,
             jacobian=det[0, 0].cpu().numpy() if jacobian else None,
             folding_ratio_1mm=metrics.folding_ratio(det) if jacobian else None,
-            warnings=warnings, timings=timings, volume_calibration=calibration)
+            warnings=warnings, timings=timings, volume_calibration=calibration, held_volumes=held)
         if progress:
             progress(1.0, "Done")
         return atlas

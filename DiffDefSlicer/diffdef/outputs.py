@@ -303,6 +303,7 @@ def atlas_sidecar(atlas, bundle=None, requested: dict | None = None, files: dict
         "labels": labels_table(),
         "label_volumes_ml": atlas.label_volumes_ml,
         "volume_calibration": dict(atlas.volume_calibration),
+        "held_volumes": list(atlas.held_volumes),
         "folding_ratio": atlas.folding_ratio,
         "folding_ratio_grid": "working grid (where the velocity is integrated)",
         "folding_ratio_1mm": atlas.folding_ratio_1mm,
@@ -438,7 +439,8 @@ def write_trajectory(frames: list, folder, varying: str, bundle=None, requested:
             "slice": {"plane": plane, "index_ras_display": int(slice_index)},
             "labels": labels_table(),
             "frames": [{"conditions": f.conditions, "label_volumes_ml": f.label_volumes_ml,
-                        "volume_calibration": dict(f.volume_calibration), "folding_ratio": f.folding_ratio, "warnings": list(f.warnings), "timings_s": dict(f.timings)}
+                        "volume_calibration": dict(f.volume_calibration), "held_volumes": list(f.held_volumes),
+                        "folding_ratio": f.folding_ratio, "warnings": list(f.warnings), "timings_s": dict(f.timings)}
                        for f in frames],
             "writing_s": time.perf_counter() - t0,
             "files": {k: p.name for k, p in paths.items()},

@@ -5,6 +5,7 @@ Examples:
   diffdef-train pipeline --config my.yaml --resume                             # continue after an interruption
   torchrun --nproc_per_node 4 -m diffdef_training.cli pipeline --config my.yaml  # 4 GPUs (DDP)
   diffdef-train plot runs/shipped                                              # loss curves -> PNG
+  diffdef-train held-volumes runs/old/bundle --config my.yaml   # add the cohort's tissue fit to an older bundle
   diffdef-train unpack DiffDefSlicer/Resources/Models/default --config DiffDefTraining/configs/shipped.yaml \
       --output runs/mine   # the shipped model's upstream stages, then: pipeline ... --stages decoder
   diffdef-train preprocess cohort.csv --conditions age,ventricle_volume --cache cache/
@@ -52,6 +53,14 @@ def _unpack(a):
     print(f"next: diffdef-train pipeline --config {a.config or '<config>'} --output {cfg.output} --stages decoder")
 
 
+def _held_volumes(a):
+    from .config import load_config
+    from .held_volumes import write_into_bundle
+
+    model = write_into_bundle(a.bundle, load_config(a.config), progress=not a.no_progress)
+    print(f"held_volumes ({len(model['fits'])} fits of labels {model['labels']}) written into {a.bundle}/model.json")
+
+
 def _plot(a):
     from .plots import plot_run
 
@@ -95,6 +104,12 @@ def main(argv=None):
                    help="override one config value, as for pipeline")
     s.add_argument("--stages", help="comma-separated subset of autoencoder,diffusion,registration (default: all three)")
     s.set_defaults(fn=_unpack)
+    s = sub.add_parser("held-volumes", help="fit the training cohort's held volumes (brain tissue) by condition and "
+                       "write the fit into a bundle exported without one (model.json's held_volumes)")
+    s.add_argument("bundle", help="model bundle folder (holds model.json)")
+    s.add_argument("--config", required=True, help="the config the bundle was trained with (its cohort is rebuilt)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=_held_volumes)
     s = sub.add_parser("plot", help="plot a run's loss curves (log.csv of each stage) to PNG")
     s.add_argument("run", help="run folder (the config's output)")
     s.add_argument("--output", help="PNG folder (default: the run folder)")

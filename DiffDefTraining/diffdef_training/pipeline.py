@@ -21,7 +21,7 @@ from diffdef.io import atomic_path
 from diffdef.networks import channels_last_on_cpu
 from diffdef.template import NUM_LABELS, load_template
 
-from . import stages
+from . import held_volumes, stages
 from .config import TrainConfig
 from .engine import CheckpointError, RunContext, check_checkpoint, init_distributed
 
@@ -68,7 +68,9 @@ def load_cohort(cfg: TrainConfig, split: str = "train", progress: bool = True) -
         lab = torch.stack([it["labels"] for it in items]).long()
         labels = torch.nn.functional.one_hot(lab[:, 0], NUM_LABELS).permute(0, 4, 1, 2, 3).float()
     raw = torch.stack([it["conditions"] for it in items]).float()
-    return stages.CohortTensors(images, labels, raw, None, t1, frac, grid), raw.numpy()
+    volumes = torch.stack([it["label_volumes_ml"] for it in items]).double() \
+        if all("label_volumes_ml" in it for it in items) else None
+    return stages.CohortTensors(images, labels, raw, None, t1, frac, grid, volumes), raw.numpy()
 
 
 def condition_spec(cfg: TrainConfig, raw: np.ndarray) -> ConditionSpec:
@@ -393,6 +395,9 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
             "torch": torch.__version__, "wall_seconds_this_run": time.time() - t_start,
         },
     }
+    held = held_volumes.fit(cohort, cfg)
+    if held is not None:
+        meta["held_volumes"] = held
     image_decoder = ae  # the full autoencoder: its decoder is the "direct intensity generation" baseline
     return save_bundle(out / "bundle", meta, {"diffusion": diffusion.unet, "condition_embedding": diffusion.embedding,
                                              "decoder": decoder, "registration": registration,

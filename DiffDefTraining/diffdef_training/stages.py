@@ -19,17 +19,20 @@ from diffdef.networks import ConditionEmbedding, DeformationDecoder, Registratio
 from diffdef.sampling import sample_latents
 from diffdef.template import load_template
 
+from . import held_volumes
 from .config import TrainConfig, neighbourhood_volume_groups
 from .engine import RunContext, StepData, sample_generator, train
 
 
 class CohortTensors:
     """The training cohort in memory on the working grid: images (N,1,...), one-hot labels (N,L,...) or None,
-    normalised conditions (N,K) with NaN for missing, plus the template on the same grid."""
+    normalised conditions (N,K) with NaN for missing, plus the template on the same grid; ``label_volumes_ml``
+    (N,L): each subject's label volumes measured finer than its working-grid labels count them, or None."""
 
-    def __init__(self, images, labels, conditions, spec, template_t1, template_fractions, grid):
+    def __init__(self, images, labels, conditions, spec, template_t1, template_fractions, grid, label_volumes_ml=None):
         self.images, self.labels, self.conditions = images, labels, conditions
         self.spec, self.template_t1, self.template_fractions, self.grid = spec, template_t1, template_fractions, grid
+        self.label_volumes_ml = label_volumes_ml
 
     def __len__(self):
         return self.images.shape[0]
@@ -449,12 +452,9 @@ class DecoderObjective:
             if cfg.decoder.volume_on_template_grid else None
         groups = neighbourhood_volume_groups(cfg.decoder)
         self.has_neighbourhood_volume = bool(groups)
-        self.neighbourhood_fractions = _grouped(cohort.template_fractions, groups).to(device)  # (1, V, ...)
+        self.neighbourhood_fractions = held_volumes.grouped(cohort.template_fractions, groups).to(device)  # (1, V, ...)
         if groups:
-            template_hard = _grouped(fields.one_hot(cohort.template_fractions.argmax(1, keepdim=True),
-                                                    cohort.template_fractions.shape[1]), groups).sum(dim=(2, 3, 4))  # (1, V)
-            # each subject's group volumes relative to the template's, both from hard label maps: (N, V)
-            self.neighbourhood_ratios = _grouped(cohort.labels, groups).sum(dim=(2, 3, 4)).float() / template_hard
+            self.neighbourhood_ratios = held_volumes.volume_ratios(cohort, groups)  # (N, V)
             self.template_soft = self.neighbourhood_fractions.sum(dim=(0, 2, 3, 4))  # (V,) voxels
         self.has_volume_terms = bool(self.volume_columns or groups)
         shape_labels = list(cfg.decoder.neighbourhood_shape_labels)
@@ -577,11 +577,6 @@ class DecoderObjective:
             t["neighbourhood_shape"] = self.neighbourhood_shape(disp, condition)
             loss = loss + d.neighbourhood_shape_weight * t["neighbourhood_shape"]
         return loss, t, volume_errors, neighbourhood_errors
-
-
-def _grouped(maps: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """Label maps or fractions (B, L, ...) summed within each group of label values: (B, len(groups), ...)."""
-    return torch.stack([maps[:, group].sum(1) for group in groups], 1) if groups else maps[:, :0]
 
 
 def decoder_architecture(cfg: TrainConfig) -> dict:

@@ -260,7 +260,9 @@ class SyntheticCohort(torch.utils.data.Dataset):
         if i not in self._cache:
             s = self.law.subject(self.seed, self.offset + i, self.factor)
             cond = torch.tensor([s.conditions["age"], s.conditions["ventricle_volume"]], dtype=torch.float32)
-            self._cache[i] = {"image": s.image, "labels": s.labels, "conditions": cond, "index": self.offset + i}
+            self._cache[i] = {"image": s.image, "labels": s.labels, "conditions": cond, "index": self.offset + i,
+                              # each label's volume as the conditions measure it: the warped fractions' sum (ml)
+                              "label_volumes_ml": s.fractions.sum(dim=(1, 2, 3)) * s.law["spacing"] ** 3 / 1000}
         return self._cache[i]
 
     def conditions(self) -> torch.Tensor:
