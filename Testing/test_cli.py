@@ -395,14 +395,16 @@ def test_compare_missing_subject_exit_2(tiny_bundle, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compare_writes_every_output(tiny_bundle, tmp_path, capsys):
-    """The template as its own subject, with its own labels: Dice 1 and every file (about 30 s of CPU)."""
+    """The template as its own subject, with its own labels: Dice 1 and every file (about 30 s of CPU). The tiny
+    decoder's own atlas is nearly the template; the calibration would give it the tiny cohort's tissue (GM -6 % at
+    70 y), more than the tiny registration network recovers (CSF Dice 0.84)."""
     from diffdef.io import write_image
 
     template = load_template()
     write_image(tmp_path / "subject.nii.gz", template.t1, template.grid)
     write_image(tmp_path / "seg.nii.gz", template.labels, template.grid)
     code, out, err = run(capsys, "compare", tmp_path / "subject.nii.gz", "--labels", tmp_path / "seg.nii.gz",
-                         "--model", tiny_bundle, "--age", "70", *FAST, "-o", tmp_path / "cmp")
+                         "--model", tiny_bundle, "--age", "70", "--no-volume-calibration", *FAST, "-o", tmp_path / "cmp")
     assert code == 0, err
     names = {p.name for p in (tmp_path / "cmp").iterdir()}
     assert names == {p.name for p in outputs.comparison_paths(tmp_path / "cmp", with_labels=True).values()}
