@@ -101,6 +101,13 @@ def bundle_volume_labels(bundle: Bundle) -> tuple[dict, list[list[int]]]:
     return dict(volume_labels), held
 
 
+def held_feature(value, condition, log_names):
+    """A condition's coordinate in the held-volume fit (scalar or numpy array, NaN stays NaN): its value, or for a
+    condition of ``log_names`` its logarithm, taken at the cohort's smallest value (``condition.low``) below that.
+    The fit (``diffdef_training.held_volumes``) and its evaluation (:class:`HeldVolumeModel`) both use it."""
+    return np.log(np.maximum(value, condition.low)) if condition.name in log_names else value
+
+
 class HeldVolumeModel:
     """The bundle's model of its held volumes (model.json ``held_volumes``, fitted on the training cohort by
     ``diffdef_training.held_volumes``): per set of conditions, the log of each held group's volume (ml), linear in
@@ -131,13 +138,13 @@ class HeldVolumeModel:
         if not any(names == [] for names, *_ in self.fits):
             raise BundleError("model.json's held_volumes has no fit without conditions; re-export the bundle from its "
                               "training run or write it again with diffdef-train held-volumes.")
-        self.low = {c.name: c.low for c in spec.conditions}
+        self.conditions = {c.name: c for c in spec.conditions}
 
     def volumes_ml(self, values: dict) -> np.ndarray:
         """Validated values ``{name: value or None}`` -> each held group's volume (ml)."""
         given = {n for n, v in values.items() if v is not None}
         names, intercept, slopes = max((f for f in self.fits if set(f[0]) <= given), key=lambda f: len(f[0]))
-        x = np.array([math.log(max(values[n], self.low[n])) if n in self.log_names else values[n] for n in names])
+        x = np.array([held_feature(values[n], self.conditions[n], self.log_names) for n in names], dtype=float)
         return np.exp(intercept + x @ slopes)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from diffdef import fields
 from diffdef.bundle import BundleError
+from diffdef.calibration import held_feature
 from diffdef.io import atomic_path
 from diffdef.template import load_template
 
@@ -62,8 +63,7 @@ def fit(cohort, cfg: TrainConfig) -> dict | None:
     log_names = list(cfg.decoder.log_conditions)
     raw = np.stack([cohort.conditions[:, k].numpy().astype(float) * c.sd + c.mean
                     for k, c in enumerate(spec.conditions)], 1)
-    features = np.stack([np.log(np.maximum(raw[:, k], c.low)) if c.name in log_names else raw[:, k]
-                         for k, c in enumerate(spec.conditions)], 1)
+    features = np.stack([held_feature(raw[:, k], c, log_names) for k, c in enumerate(spec.conditions)], 1)
     target = np.log(volumes_ml(cohort, groups))  # (N, G)
     fits = []
     for size in range(len(spec.names), -1, -1):
