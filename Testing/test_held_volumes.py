@@ -134,3 +134,26 @@ def test_generation_brings_the_tissue_to_the_cohorts_fit(tiny_generator):
     plain = tiny_generator.generate({"age": 70, "ventricle_volume": 30}, steps=2, samples=1, smoothing_mm=0.0,
                                     calibrate_volumes=False)
     assert plain.held_volumes == []
+
+
+def test_a_real_cohort_fit_reads_each_subjects_label_volumes(tmp_path, capsys):
+    """A cohort from a manifest (synthetic subjects under random affines, preprocessed as a user's would be): the
+    pipeline carries each subject's template-space label volumes as preprocessing recorded them, and the fit
+    records that it used them; without them it counts the working-grid labels and says so."""
+    from diffdef_training.cohort import PreprocessOptions, preprocess_cohort
+    from diffdef_training.pipeline import load_cohort
+    from diffdef_training.synthetic import export_cohort
+
+    manifest = export_cohort(tmp_path / "cohort", 3, seed=5, random_affine=True, progress=False)
+    cfg = load_config(TINY, {"output": str(tmp_path / "run"), "cohort": {"source": str(manifest)}})
+    cohort, _ = load_cohort(cfg, progress=False)
+    ds, records = preprocess_cohort(manifest, tmp_path / "run" / "cohort_cache", conditions=cfg.cohort.conditions,
+                                    options=PreprocessOptions(factor=cfg.cohort.factor), progress=False)
+    assert [r["status"] for r in records] == ["cached"] * 3
+    assert torch.equal(cohort.label_volumes_ml, torch.stack([ds[i]["label_volumes_ml"] for i in range(3)]))
+    cohort.spec = ConditionSpec([Condition("age", "years", 65.0, 10.0, 40.0, 90.0),
+                                 Condition("ventricle_volume", "ml", 25.0, 12.0, 5.0, 90.0)])
+    assert held_volumes.fit(cohort, cfg)["measured_from"] == "label_volumes"
+    cohort.label_volumes_ml = None  # a cache without them: the working-grid labels, said so
+    assert held_volumes.fit(cohort, cfg)["measured_from"] == "working_grid_labels"
+    assert "preprocessing the cohort again records them" in capsys.readouterr().err

@@ -35,7 +35,10 @@ every problem as ``row N (line L): ...`` (N = 1-based data row, L = line in the 
    percentiles within the same mask (0.25 and 0.92 for the MNI T1), piecewise linearly with 0 kept at 0, clipped
    to [0, 1]. The subject then lives on the template's 0..1 intensity scale (background 0, CSF dark but not
    black), which is what the autoencoder and the registration network compare it with;
-   ``match_template=False`` maps the percentiles onto 0 and 1 instead.
+   ``match_template=False`` maps the percentiles onto 0 and 1 instead;
+5. with a label map, each label's volume in template space (:func:`template_space_volumes_ml`: the native count
+   divided by the affine's determinant), which the held-volume fit of the export reads
+   (:mod:`diffdef_training.held_volumes`); a cache entry made before it gets it on the next run.
 
 It returns the arrays on the working grid (and, with ``keep_fine``, on the 1 mm crop) plus the fitted
 ``sitk.AffineTransform`` (template LPS point -> subject LPS point, ITK's resampling convention; saved as
@@ -375,6 +378,19 @@ def _block_majority(labels: np.ndarray, factor: int) -> np.ndarray:
     return F.avg_pool3d(onehot, factor)[0].argmax(0).numpy().astype(np.uint8)
 
 
+def template_space_volumes_ml(labels, transform) -> list[float]:
+    """Each template label's volume (ml, labels 0 .. NUM_LABELS-1) in *template* space: the subject's label map
+    ``labels`` (SimpleITK image, native space) counted at its own resolution, divided by the determinant of the
+    fitted affine ``transform`` (template point -> subject point), as the atlas's volumes are counted on the
+    template's grid. Exact for the affine, unlike a count of the labels resampled onto the 1 mm crop (nearest
+    neighbour moves a boundary by up to half a voxel)."""
+    sitk = _sitk()
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel().astype(np.int64), minlength=NUM_LABELS)
+    native_ml = counts[:NUM_LABELS] * float(np.prod(labels.GetSpacing())) / 1000.0
+    det = abs(float(np.linalg.det(np.reshape(transform.GetMatrix(), (3, 3)))))
+    return (native_ml / det).tolist()
+
+
 def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions | None = None,
                        template: Template | None = None) -> PreprocessResult:
     """Preprocess one subject (see the module docstring). Raises on failure with a message naming the file."""
@@ -408,6 +424,8 @@ def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions 
         fine_labels, _ = from_sitk(sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0,
                                                  sitk.sitkUInt8))
         fine_labels = fine_labels.astype(np.uint8)
+    if labels_path is not None:
+        info["label_volumes_ml"] = template_space_volumes_ml(labels, transform)
     image = _block_mean(fine_image, options.factor)
     lab = _block_majority(fine_labels, options.factor) if fine_labels is not None else None
     info["seconds"] = time.perf_counter() - start
@@ -492,10 +510,24 @@ class PreprocessCache:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def meta(self, key: str) -> dict:
+        return json.loads((self.path(key) / "meta.json").read_text())
+
+    def add_label_volumes(self, key: str, labels_path) -> None:
+        """Give an entry written before label volumes were recorded its ``info["label_volumes_ml"]``, from the
+        label file (whose content its key holds) and its stored transform; meta.json replaced atomically."""
+        folder = self.path(key)
+        meta = self.meta(key)
+        transform = _sitk().AffineTransform(_sitk().ReadTransform(str(folder / "transform.tfm")))
+        meta.setdefault("info", {})["label_volumes_ml"] = template_space_volumes_ml(
+            _read_sitk(Path(labels_path), np.uint8), transform)
+        with atomic_path(folder / "meta.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1, default=str))
+
     def load(self, key: str) -> PreprocessResult:
         sitk = _sitk()
         folder = self.path(key)
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = self.meta(key)
         image, grid = read_image(folder / "image.nii.gz")
         labels = read_image(folder / "labels.nii.gz")[0] if (folder / "labels.nii.gz").is_file() else None
         fine_image = fine_labels = fine_grid = None
@@ -521,7 +553,9 @@ def _umask() -> int:
 
 class CohortDataset(torch.utils.data.Dataset):
     """Preprocessed subjects from a cache: ``dict(image=(1, i, j, k) float32, labels=(1, i, j, k) int64 or None,
-    conditions=(C,) float32 with NaN for missing, subject=str, row=int)``. Loads lazily from the cache folders.
+    conditions=(C,) float32 with NaN for missing, subject=str, row=int)``, and with labels
+    ``label_volumes_ml`` ((NUM_LABELS,) float64, template space, see :func:`template_space_volumes_ml`). Loads
+    lazily from the cache folders.
 
     ``labels`` is None for rows without a label map; use :func:`collate` in a DataLoader when some rows lack one.
     """
@@ -539,12 +573,15 @@ class CohortDataset(torch.utils.data.Dataset):
         folder = Path(e["folder"])
         image, grid = read_image(folder / "image.nii.gz")
         self.grid.require_same(grid, f"cached image of {e['subject']}")
-        labels = None
-        if (folder / "labels.nii.gz").is_file():
-            labels = torch.from_numpy(read_image(folder / "labels.nii.gz")[0].astype(np.int64))[None]
-        return {"image": torch.from_numpy(image.astype(np.float32))[None], "labels": labels,
+        item = {"image": torch.from_numpy(image.astype(np.float32))[None], "labels": None,
                 "conditions": torch.tensor(e["conditions"], dtype=torch.float32), "subject": e["subject"],
                 "row": e["row"]}
+        if (folder / "labels.nii.gz").is_file():
+            item["labels"] = torch.from_numpy(read_image(folder / "labels.nii.gz")[0].astype(np.int64))[None]
+            volumes = json.loads((folder / "meta.json").read_text()).get("info", {}).get("label_volumes_ml")
+            if volumes is not None:
+                item["label_volumes_ml"] = torch.tensor(volumes, dtype=torch.float64)
+        return item
 
     def conditions(self) -> torch.Tensor:
         """(N, C) condition matrix, NaN for missing."""
@@ -607,6 +644,8 @@ def preprocess_cohort(manifest, cache_dir, options: PreprocessOptions | None = N
             rec["key"] = key
             if cache.has(key):
                 rec["status"] = "cached"
+                if r.labels and "label_volumes_ml" not in cache.meta(key).get("info", {}):
+                    cache.add_label_volumes(key, r.labels)
             else:
                 result = preprocess(r.image, r.labels, options, template)
                 cache.save(key, result, {"image": str(r.image), "labels": str(r.labels) if r.labels else None,
