@@ -377,6 +377,46 @@ def test_corrupt_weights_exit_2(tiny_bundle, tmp_path, capsys):
     assert code == 2 and "decoder.safetensors" in err
 
 
+def test_a_bundle_reads_the_weights_it_shares_with_another(tiny_bundle, tmp_path, capsys):
+    """share-weights: a variant bundle (here, one with its own decoder) keeps only its differing file; it loads to
+    the same networks, and a missing or damaged shared file is refused with a message that says what to do."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffdef.bundle import BundleError, load_bundle, sha256
+    from diffdef_training.cli import main as train_main
+
+    base, variant = tmp_path / "models" / "base", tmp_path / "variants" / "v"
+    shutil.copytree(tiny_bundle, base)
+    shutil.copytree(tiny_bundle, variant)
+    decoder = {k: v + 0.01 for k, v in load_file(str(variant / "decoder.safetensors")).items()}
+    save_file(decoder, str(variant / "decoder.safetensors"))
+    meta = json.loads((variant / "model.json").read_text())
+    meta["weights"]["decoder"]["sha256"] = sha256(variant / "decoder.safetensors")
+    (variant / "model.json").write_text(json.dumps(meta))
+    assert train_main(["share-weights", str(variant), "--base", str(base)]) in (None, 0)
+    assert "now reads condition_embedding, diffusion, image_decoder, registration from" in capsys.readouterr().out
+    assert sorted(p.name for p in variant.iterdir()) == ["decoder.safetensors", "model.json"]
+    files = {n: e["file"] for n, e in json.loads((variant / "model.json").read_text())["weights"].items()}
+    assert files["diffusion"] == "../../models/base/diffusion.safetensors" and files["decoder"] == "decoder.safetensors"
+    own, ref = load_bundle(variant), load_bundle(tiny_bundle)
+    for name in ("diffusion", "registration"):
+        assert all(torch.equal(a, b) for a, b in zip(own.nets[name].state_dict().values(),
+                                                     ref.nets[name].state_dict().values()))
+    assert not torch.equal(next(iter(own.nets["decoder"].state_dict().values())),
+                           next(iter(ref.nets["decoder"].state_dict().values())))
+    assert train_main(["share-weights", str(variant), "--base", str(base)]) in (None, 0)  # again: nothing to do
+    assert "now reads no network" in capsys.readouterr().out
+    (base / "registration.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="Checksum mismatch for registration.safetensors"):
+        load_bundle(variant)
+    shutil.rmtree(base)
+    code, _, err = run(capsys, "generate", "--model", variant, *FAST, "-o", tmp_path / "o")
+    assert code == 2 and "from another bundle" in err and "keep the two bundles where they were" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command", ["generate", "trajectory", "compare"])
 def test_help_has_units_and_examples(tiny_bundle, capsys, command):
     with pytest.raises(SystemExit) as exc:

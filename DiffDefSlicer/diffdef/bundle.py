@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,12 @@ def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_t
             raise BundleError(f"The bundle has no weights for {name!r}.")
         net = build_network(name, meta["architecture"], len(spec))
         entry = meta["weights"][name]
-        load_weights(net, path / entry["file"], name, entry["sha256"])
+        file = path / entry["file"]
+        if Path(entry["file"]).parent != Path(".") and not file.is_file():
+            raise BundleError(f"The bundle reads {name!r} from another bundle ({entry['file']}, see share_weights), "
+                              f"which is not at {file.parent}: keep the two bundles where they were, or copy the "
+                              f"file into {path} and give its name in model.json.")
+        load_weights(net, file, name, entry["sha256"])
         nets[name] = net
     return Bundle(path, meta, spec, grid, nets)
 
@@ -174,3 +180,35 @@ def save_bundle(path, meta: dict, nets: dict, overwrite: bool = False) -> Path:
     with atomic_path(path / "model.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))  # strict JSON: NaN is not JSON
     return path
+
+
+def share_weights(path, base) -> list[str]:
+    """Make the bundle at ``path`` read each weight file that is byte-identical to one of bundle ``base``'s from
+    ``base``: its model.json ``file`` becomes a path relative to ``path`` (e.g. ``../default/diffusion.safetensors``,
+    checked by SHA-256 at every load like any weight file) and its own copy is deleted. For a bundle that shares
+    networks with another, e.g. a decoder retrained on another bundle's upstream stages. model.json is rewritten
+    (atomically) before any copy is deleted. Returns the names of the networks now shared."""
+    from .io import atomic_path
+
+    path, base = Path(path), Path(base)
+    for p in (path, base):
+        if not (p / "model.json").is_file():
+            raise BundleError(f"{p} holds no model.json: give model bundle folders.")
+    meta, theirs = (json.loads((p / "model.json").read_text()) for p in (path, base))
+    shared = {}
+    for name, entry in meta["weights"].items():
+        other = theirs["weights"].get(name)
+        if other is None or other["sha256"] != entry["sha256"] or Path(entry["file"]).parent != Path("."):
+            continue  # a different network, or one this bundle already reads from elsewhere
+        target = base / other["file"]
+        if sha256(target) != other["sha256"]:
+            raise BundleError(f"{target} does not match {base}/model.json's checksum: the base bundle is damaged.")
+        shared[name] = os.path.relpath(target.resolve(), path.resolve())
+    if shared:
+        own = {name: path / meta["weights"][name]["file"] for name in shared}
+        meta["weights"] = {n: dict(e, file=shared.get(n, e["file"])) for n, e in meta["weights"].items()}
+        with atomic_path(path / "model.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))
+        for file in own.values():
+            file.unlink()
+    return sorted(shared)

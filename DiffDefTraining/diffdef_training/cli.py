@@ -61,6 +61,13 @@ def _held_volumes(a):
     print(f"held_volumes ({len(model['fits'])} fits of labels {model['labels']}) written into {a.bundle}/model.json")
 
 
+def _share_weights(a):
+    from diffdef.bundle import share_weights
+
+    names = share_weights(a.bundle, a.base)
+    print(f"{a.bundle} now reads {', '.join(names) if names else 'no network'} from {a.base}")
+
+
 def _plot(a):
     from .plots import plot_run
 
@@ -110,6 +117,14 @@ def main(argv=None):
     s.add_argument("--config", required=True, help="the config the bundle was trained with (its cohort is rebuilt)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=_held_volumes)
+    s = sub.add_parser("share-weights", help="make a bundle read the weight files it has in common with another "
+                       "bundle from there (relative paths in model.json, SHA-256 checked) and delete its copies",
+                       epilog="example: diffdef-train share-weights DiffDefTraining/models/default-no-mp "
+                       "--base DiffDefSlicer/Resources/Models/default")
+    s.add_argument("bundle", help="the bundle folder whose copies are replaced (e.g. a decoder retrained on --base's "
+                   "upstream stages)")
+    s.add_argument("--base", required=True, help="the bundle folder that keeps its files")
+    s.set_defaults(fn=_share_weights)
     s = sub.add_parser("plot", help="plot a run's loss curves (log.csv of each stage) to PNG")
     s.add_argument("run", help="run folder (the config's output)")
     s.add_argument("--output", help="PNG folder (default: the run folder)")
