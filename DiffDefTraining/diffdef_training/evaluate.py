@@ -1,7 +1,7 @@
 """Evaluation benchmark: DiffDef against baselines and the synthetic law's ground truth.
 
     python -m diffdef_training.evaluate --model DiffDefSlicer/Resources/Models/default \\
-        --ablation runs/shipped-no-mp/bundle --out docs/
+        --ablation DiffDefTraining/models/default-no-mp --out docs/
     diffdef-train evaluate --model DIR --out docs/            # the same through the training CLI
 
 For each condition of a grid (an age sweep with the ventricle volume at the law's median m(a), and a ventricle

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Retrain the shipped default model from scratch, its MP-loss ablation, and install the bundle into
-# DiffDefSlicer/Resources/Models/default (on a 2-core CPU: about 1 h 45 min for the model, plus 45 min for the
+# Retrain the shipped default model from scratch and its MP-loss ablation, and install the bundles into
+# DiffDefSlicer/Resources/Models/default and DiffDefTraining/models/default-no-mp (the benchmark's ablation, which
+# reads the networks it shares with the default from there) (on a 2-core CPU: about 1 h 45 min for the model, plus 45 min for the
 # ablation, more on a slow day; docs/shipped-model.md gives the per-stage times). Safe to re-run: finished stages
 # are skipped, and RESUME=1 continues interrupted stages from their checkpoints (without it, a stage with a
 # checkpoint to continue is refused, not restarted).
@@ -18,3 +19,8 @@ rm -rf DiffDefSlicer/Resources/Models/default.new
 cp -r runs/shipped/bundle DiffDefSlicer/Resources/Models/default.new
 rm -rf DiffDefSlicer/Resources/Models/default
 mv DiffDefSlicer/Resources/Models/default.new DiffDefSlicer/Resources/Models/default
+rm -rf DiffDefTraining/models/default-no-mp.new
+cp -r runs/shipped-no-mp/bundle DiffDefTraining/models/default-no-mp.new
+diffdef-train share-weights DiffDefTraining/models/default-no-mp.new --base DiffDefSlicer/Resources/Models/default
+rm -rf DiffDefTraining/models/default-no-mp
+mv DiffDefTraining/models/default-no-mp.new DiffDefTraining/models/default-no-mp
