@@ -511,11 +511,12 @@ class PreprocessCache:
         return final
 
     def meta(self, key: str) -> dict:
+        """An entry's meta.json: grid, ``info`` (registration, normalisation, label volumes), options, files."""
         return json.loads((self.path(key) / "meta.json").read_text())
 
     def add_label_volumes(self, key: str, labels_path) -> None:
         """Give an entry written before label volumes were recorded its ``info["label_volumes_ml"]``, from the
-        label file (whose content its key holds) and its stored transform; meta.json replaced atomically."""
+        label file the key was made from and its stored transform; meta.json replaced atomically."""
         folder = self.path(key)
         meta = self.meta(key)
         transform = _sitk().AffineTransform(_sitk().ReadTransform(str(folder / "transform.tfm")))
