@@ -157,3 +157,21 @@ def test_a_real_cohort_fit_reads_each_subjects_label_volumes(tmp_path, capsys):
     cohort.label_volumes_ml = None  # a cache without them: the working-grid labels, said so
     assert held_volumes.fit(cohort, cfg)["measured_from"] == "working_grid_labels"
     assert "preprocessing the cohort again records them" in capsys.readouterr().err
+
+
+def test_a_manifest_of_native_volumes_is_warned_about():
+    """The decoder meets ventricle_volume in template space: a manifest whose values are a median 20 % below the
+    recorded template-space volumes (e.g. native volumes of brains smaller than MNI's) gets a warning; one within
+    10 % (the synthetic subjects' own, 4 mm labels under random affines: 0.81-1.04 each) does not."""
+    from diffdef_training.pipeline import volume_condition_mismatches
+
+    cfg = load_config(TINY)
+    volumes = np.zeros((4, 5))
+    volumes[:, 4] = [20.0, 30.0, 40.0, 25.0]
+    raw = np.stack([[60.0, 70.0, 80.0, 65.0], volumes[:, 4] * [0.9, 1.05, 0.95, 1.0]], 1)
+    assert volume_condition_mismatches(cfg, raw, volumes) == []
+    raw[:, 1] = volumes[:, 4] * 0.8
+    raw[0, 1] = np.nan  # a missing value is left out
+    (message,) = volume_condition_mismatches(cfg, raw, volumes)
+    assert "ventricle_volume is a median 20 % below" in message and "(3 subjects with both)" in message
+    assert "template space" in message and "label_volumes_ml" in message

@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +71,33 @@ def load_cohort(cfg: TrainConfig, split: str = "train", progress: bool = True) -
     raw = torch.stack([it["conditions"] for it in items]).float()
     volumes = torch.stack([it["label_volumes_ml"] for it in items]).double() \
         if all("label_volumes_ml" in it for it in items) else None
+    if cfg.cohort.source != "synthetic" and volumes is not None:
+        for message in volume_condition_mismatches(cfg, raw.numpy(), volumes.numpy()):
+            print(f"warning: {message}", file=sys.stderr)
     return stages.CohortTensors(images, labels, raw, None, t1, frac, grid, volumes), raw.numpy()
+
+
+def volume_condition_mismatches(cfg: TrainConfig, raw: np.ndarray, volumes_ml: np.ndarray,
+                                tolerance: float = 0.1) -> list[str]:
+    """For each volume condition (``decoder.volume_labels``), a message when the manifest's values differ from the
+    subjects' template-space volumes of its label (``volumes_ml`` (N, NUM_LABELS), as preprocessing records them)
+    by more than ``tolerance`` in median ratio: a column of native volumes, most likely. The decoder meets a volume
+    condition in template space, so such a model would read every request as a template-space volume."""
+    messages = []
+    for name, label in cfg.decoder.volume_labels.items():
+        given = raw[:, cfg.cohort.conditions.index(name)]
+        rows = np.isfinite(given) & (volumes_ml[:, label] > 0)
+        if not rows.any():
+            continue
+        ratio = float(np.median(given[rows] / volumes_ml[rows, label]))
+        if abs(ratio - 1) > tolerance:
+            messages.append(
+                f"the manifest's {name} is a median {abs(ratio - 1) * 100:.0f} % {'below' if ratio < 1 else 'above'} "
+                f"the subjects' template-space volume of label {label} ({int(rows.sum())} subjects with both). DiffDef "
+                f"meets {name} in template space, where the atlas lives: give the subjects' volumes after their affine "
+                "to the template (each cache entry's meta.json records them as info.label_volumes_ml), or the model "
+                "will read every request as a template-space volume.")
+    return messages
 
 
 def condition_spec(cfg: TrainConfig, raw: np.ndarray) -> ConditionSpec:
