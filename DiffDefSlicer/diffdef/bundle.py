@@ -111,6 +111,11 @@ def load_weights(net: torch.nn.Module, file: Path, name: str, expected_sha: str 
     net.eval()
 
 
+def _read_from_elsewhere(entry: dict) -> bool:
+    """Whether a model.json weights entry names a file outside its bundle's folder (see :func:`share_weights`)."""
+    return Path(entry["file"]).parent != Path(".")
+
+
 def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_template: bool = True) -> Bundle:
     """Load and validate a bundle folder (default: the shipped model). Raises :class:`BundleError`."""
     path = Path(path) if path is not None else DEFAULT_BUNDLE
@@ -150,7 +155,7 @@ def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_t
         net = build_network(name, meta["architecture"], len(spec))
         entry = meta["weights"][name]
         file = path / entry["file"]
-        if Path(entry["file"]).parent != Path(".") and not file.is_file():
+        if _read_from_elsewhere(entry) and not file.is_file():
             raise BundleError(f"The bundle reads {name!r} from another bundle ({entry['file']}, see share_weights), "
                               f"which is not at {file.parent}: keep the two bundles where they were, or copy the "
                               f"file into {path} and give its name in model.json.")
@@ -198,7 +203,7 @@ def share_weights(path, base) -> list[str]:
     shared = {}
     for name, entry in meta["weights"].items():
         other = theirs["weights"].get(name)
-        if other is None or other["sha256"] != entry["sha256"] or Path(entry["file"]).parent != Path("."):
+        if other is None or other["sha256"] != entry["sha256"] or _read_from_elsewhere(entry):
             continue  # a different network, or one this bundle already reads from elsewhere
         target = base / other["file"]
         if sha256(target) != other["sha256"]:

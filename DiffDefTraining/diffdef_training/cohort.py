@@ -455,6 +455,11 @@ def file_digest(path, mode: str = "content") -> str:
     return h.hexdigest()
 
 
+def read_meta(folder) -> dict:
+    """A cache entry's meta.json: grid, ``info`` (registration, normalisation, label volumes), options, files."""
+    return json.loads((Path(folder) / "meta.json").read_text())
+
+
 class PreprocessCache:
     """A folder of preprocessed subjects, one sub-folder per key::
 
@@ -511,8 +516,7 @@ class PreprocessCache:
         return final
 
     def meta(self, key: str) -> dict:
-        """An entry's meta.json: grid, ``info`` (registration, normalisation, label volumes), options, files."""
-        return json.loads((self.path(key) / "meta.json").read_text())
+        return read_meta(self.path(key))
 
     def add_label_volumes(self, key: str, labels_path) -> None:
         """Give an entry written before label volumes were recorded its ``info["label_volumes_ml"]``, from the
@@ -579,7 +583,7 @@ class CohortDataset(torch.utils.data.Dataset):
                 "row": e["row"]}
         if (folder / "labels.nii.gz").is_file():
             item["labels"] = torch.from_numpy(read_image(folder / "labels.nii.gz")[0].astype(np.int64))[None]
-            volumes = json.loads((folder / "meta.json").read_text()).get("info", {}).get("label_volumes_ml")
+            volumes = read_meta(folder).get("info", {}).get("label_volumes_ml")
             if volumes is not None:
                 item["label_volumes_ml"] = torch.tensor(volumes, dtype=torch.float64)
         return item
