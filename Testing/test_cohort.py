@@ -130,12 +130,16 @@ def test_preprocessing_undoes_a_random_affine(subjects):
 def test_label_volumes_are_recorded_in_template_space(subjects):
     """Each subject is the template resampled through an affine (det 0.94 and 1.15): its label volumes, counted
     natively and divided by the fitted affine's determinant, are the template's within 0.5 % for GM and WM (a
-    native count is 6 and 15 % off) and 3 % for the ventricles (16.9 ml on a 2 mm grid)."""
-    _, paths, _ = subjects
+    native count is 6 and 15 % off) and 3 % for the ventricles (16.9 ml on a 2 mm grid). The determinant is
+    recorded too: the inverse of the true affine's (subject -> template) within 1 %."""
+    _, paths, transforms = subjects
     t = load_template()
     truth = np.bincount(t.labels.ravel().astype(np.int64), minlength=5) * t.grid.voxel_volume_ml
-    for ip, lp in paths:
-        volumes = np.array(preprocess_subject(ip, lp).info["label_volumes_ml"])
+    for (ip, lp), true_transform in zip(paths, transforms):
+        info = preprocess_subject(ip, lp).info
+        volumes = np.array(info["label_volumes_ml"])
+        true_det = abs(np.linalg.det(np.reshape(true_transform.GetMatrix(), (3, 3))))
+        assert abs(true_det - 1) > 0.05 and info["affine_determinant"] == pytest.approx(1 / true_det, rel=0.01)
         assert volumes.shape == (5,)
         np.testing.assert_allclose(volumes[[GM, WM]], truth[[GM, WM]], rtol=0.005)
         np.testing.assert_allclose(volumes[4], truth[4], rtol=0.03)
@@ -197,17 +201,20 @@ def test_dataset_items(cohort_run):
 
 
 def test_an_entry_cached_before_label_volumes_gets_them_on_the_next_run(cohort_run, tmp_path):
-    """An entry written before preprocessing recorded label volumes: the next run adds them (the same as a fresh
-    entry's), replacing meta.json atomically, without preprocessing the subject again."""
+    """An entry written before preprocessing recorded label volumes and the affine's determinant: the next run adds
+    them (the same as a fresh entry's), replacing meta.json atomically, without preprocessing the subject again."""
     cache = cohort.PreprocessCache(tmp_path / "cache")
     shutil.copytree(cohort_run["cache"], cache.root, dirs_exist_ok=True)
-    r0 = read_manifest(cohort_run["manifest"], ["age", "ventricle_volume"]).rows[0]
-    key = cache.key(r0.image, r0.labels, PreprocessOptions())
+    r0, r1 = read_manifest(cohort_run["manifest"], ["age", "ventricle_volume"]).rows[:2]
+    key, unlabelled = (cache.key(r.image, r.labels, PreprocessOptions()) for r in (r0, r1))
     fresh = cache.meta(key)["info"]["label_volumes_ml"]
-    meta_file = cache.path(key) / "meta.json"
+    fresh_dets = [cache.meta(k)["info"]["affine_determinant"] for k in (key, unlabelled)]
     old = cache.meta(key)
-    del old["info"]["label_volumes_ml"]
-    meta_file.write_text(json.dumps(old))
+    del old["info"]["label_volumes_ml"], old["info"]["affine_determinant"]
+    (cache.path(key) / "meta.json").write_text(json.dumps(old))
+    old_unlabelled = cache.meta(unlabelled)
+    del old_unlabelled["info"]["affine_determinant"]
+    (cache.path(unlabelled) / "meta.json").write_text(json.dumps(old_unlabelled))
     entry = {"folder": str(cache.path(key)), "conditions": [63.0, 21.5], "subject": "a", "row": 1}
     assert "label_volumes_ml" not in CohortDataset([entry], ["age", "ventricle_volume"], cohort_run["ds"].grid)[0]
     calls = cohort_run["calls_list"]
@@ -216,6 +223,7 @@ def test_an_entry_cached_before_label_volumes_gets_them_on_the_next_run(cohort_r
                                     progress=False, preprocess=cohort_run["counting"])
     assert records[0]["status"] == "cached" and len(calls) == before + 1  # only the failing row runs again
     np.testing.assert_allclose(ds[0]["label_volumes_ml"].numpy(), fresh, rtol=1e-12)
+    assert [ds[0]["affine_determinant"], ds[1]["affine_determinant"]] == pytest.approx(fresh_dets, rel=1e-12)
     assert {k: v for k, v in cache.meta(key).items() if k != "info"} == {k: v for k, v in old.items() if k != "info"}
     assert not list(cache.path(key).glob(".*"))  # no temporary file left beside meta.json
 

@@ -159,6 +159,41 @@ def test_a_real_cohort_fit_reads_each_subjects_label_volumes(tmp_path, capsys):
     assert "preprocessing the cohort again records them" in capsys.readouterr().err
 
 
+def test_native_volume_conditions_are_divided_by_each_subjects_affine_determinant(tmp_path):
+    """A manifest of native ventricle volumes (the template-space ones times each subject's affine determinant, as
+    measured on brains larger or smaller than MNI's) loads with ``cohort.native_volumes`` as the template-space
+    ones; a missing value stays missing."""
+    import csv
+
+    from diffdef_training.cohort import PreprocessOptions, preprocess_cohort
+    from diffdef_training.pipeline import load_cohort
+    from diffdef_training.synthetic import export_cohort
+
+    manifest = export_cohort(tmp_path / "cohort", 3, seed=5, random_affine=True, progress=False)
+    cache = str(tmp_path / "cache")
+    cfg = load_config(TINY, {"output": str(tmp_path / "run"), "cohort": {"source": str(manifest), "cache": cache}})
+    _, template_raw = load_cohort(cfg, progress=False)
+    ds, _ = preprocess_cohort(manifest, cache, conditions=cfg.cohort.conditions, progress=False,
+                              options=PreprocessOptions(factor=cfg.cohort.factor))
+    dets = np.array([ds[i]["affine_determinant"] for i in range(3)])
+    assert np.abs(dets - 1).max() > 0.03  # the random affines scale the brains
+    with open(manifest) as fh:
+        rows = list(csv.DictReader(fh))
+    for row, det in zip(rows, dets):
+        row["ventricle_volume"] = repr(float(row["ventricle_volume"]) * float(det))
+    rows[2]["ventricle_volume"] = ""
+    native = manifest.with_name("native.csv")
+    with open(native, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cfg = load_config(TINY, {"output": str(tmp_path / "run"),
+                             "cohort": {"source": str(native), "cache": cache, "native_volumes": ["ventricle_volume"]}})
+    _, raw = load_cohort(cfg, progress=False)
+    np.testing.assert_allclose(raw[:2], template_raw[:2], rtol=1e-6)
+    assert raw[2, 0] == template_raw[2, 0] and np.isnan(raw[2, 1])
+
+
 def test_a_manifest_of_native_volumes_is_warned_about():
     """The decoder meets ventricle_volume in template space: a manifest whose values are a median 20 % below the
     recorded template-space volumes (e.g. native volumes of brains smaller than MNI's) gets a warning; one within
@@ -174,4 +209,4 @@ def test_a_manifest_of_native_volumes_is_warned_about():
     raw[0, 1] = np.nan  # a missing value is left out
     (message,) = volume_condition_mismatches(cfg, raw, volumes)
     assert "ventricle_volume is a median 20 % below" in message and "(3 subjects with both)" in message
-    assert "template space" in message and "label_volumes_ml" in message
+    assert "template space" in message and "cohort.native_volumes" in message and "label_volumes_ml" in message

@@ -185,6 +185,10 @@ def test_config_unknown_key_and_wrong_type(tmp_path):
         load_config(None, {"architecture": {"unet": {}}})
     with pytest.raises(ConfigError, match="cohort.conditions"):
         load_config(None, {"cohort": {"conditions": ["age", "age"]}})
+    with pytest.raises(ConfigError, match=r"cohort\.native_volumes names 'icv', which is not in cohort\.conditions"):
+        load_config(None, {"cohort": {"source": "c.csv", "native_volumes": ["icv"]}})
+    with pytest.raises(ConfigError, match="the synthetic cohort's are already there"):
+        load_config(None, {"cohort": {"native_volumes": ["ventricle_volume"]}})
     assert not out.exists()
 
 

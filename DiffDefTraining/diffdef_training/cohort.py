@@ -387,8 +387,13 @@ def template_space_volumes_ml(labels, transform) -> list[float]:
     sitk = _sitk()
     counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel().astype(np.int64), minlength=NUM_LABELS)
     native_ml = counts[:NUM_LABELS] * float(np.prod(labels.GetSpacing())) / 1000.0
-    det = abs(float(np.linalg.det(np.reshape(transform.GetMatrix(), (3, 3)))))
-    return (native_ml / det).tolist()
+    return (native_ml / affine_determinant(transform)).tolist()
+
+
+def affine_determinant(transform) -> float:
+    """|det| of the fitted affine ``transform`` (template point -> subject point): a subject's native volume is its
+    template-space volume times this."""
+    return abs(float(np.linalg.det(np.reshape(transform.GetMatrix(), (3, 3)))))
 
 
 def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions | None = None,
@@ -424,6 +429,7 @@ def preprocess_subject(image_path, labels_path=None, options: PreprocessOptions 
         fine_labels, _ = from_sitk(sitk.Resample(labels, reference, transform, sitk.sitkNearestNeighbor, 0,
                                                  sitk.sitkUInt8))
         fine_labels = fine_labels.astype(np.uint8)
+    info["affine_determinant"] = affine_determinant(transform)
     if labels_path is not None:
         info["label_volumes_ml"] = template_space_volumes_ml(labels, transform)
     image = _block_mean(fine_image, options.factor)
@@ -518,14 +524,20 @@ class PreprocessCache:
     def meta(self, key: str) -> dict:
         return read_meta(self.path(key))
 
-    def add_label_volumes(self, key: str, labels_path) -> None:
-        """Give an entry written before label volumes were recorded its ``info["label_volumes_ml"]``, from the
-        label file the key was made from and its stored transform; meta.json replaced atomically."""
+    def complete_info(self, key: str, labels_path=None) -> None:
+        """Give an entry written before preprocessing recorded them its ``info["affine_determinant"]`` and, with a
+        label file (the one the key was made from), ``info["label_volumes_ml"]``, from its stored transform;
+        meta.json replaced atomically, and only when something was missing."""
         folder = self.path(key)
         meta = self.meta(key)
+        info = meta.setdefault("info", {})
+        missing = "affine_determinant" not in info or (labels_path and "label_volumes_ml" not in info)
+        if not missing:
+            return
         transform = _sitk().AffineTransform(_sitk().ReadTransform(str(folder / "transform.tfm")))
-        meta.setdefault("info", {})["label_volumes_ml"] = template_space_volumes_ml(
-            _read_sitk(Path(labels_path), np.uint8), transform)
+        info["affine_determinant"] = affine_determinant(transform)
+        if labels_path:
+            info["label_volumes_ml"] = template_space_volumes_ml(_read_sitk(Path(labels_path), np.uint8), transform)
         with atomic_path(folder / "meta.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps(meta, indent=1, default=str))
 
@@ -559,8 +571,8 @@ def _umask() -> int:
 class CohortDataset(torch.utils.data.Dataset):
     """Preprocessed subjects from a cache: ``dict(image=(1, i, j, k) float32, labels=(1, i, j, k) int64 or None,
     conditions=(C,) float32 with NaN for missing, subject=str, row=int)``, and with labels
-    ``label_volumes_ml`` ((NUM_LABELS,) float64, template space, see :func:`template_space_volumes_ml`). Loads
-    lazily from the cache folders.
+    ``label_volumes_ml`` ((NUM_LABELS,) float64, template space, see :func:`template_space_volumes_ml`), and
+    ``affine_determinant`` (float, see :func:`affine_determinant`). Loads lazily from the cache folders.
 
     ``labels`` is None for rows without a label map; use :func:`collate` in a DataLoader when some rows lack one.
     """
@@ -581,11 +593,13 @@ class CohortDataset(torch.utils.data.Dataset):
         item = {"image": torch.from_numpy(image.astype(np.float32))[None], "labels": None,
                 "conditions": torch.tensor(e["conditions"], dtype=torch.float32), "subject": e["subject"],
                 "row": e["row"]}
+        info = read_meta(folder).get("info", {})
+        if "affine_determinant" in info:
+            item["affine_determinant"] = float(info["affine_determinant"])
         if (folder / "labels.nii.gz").is_file():
             item["labels"] = torch.from_numpy(read_image(folder / "labels.nii.gz")[0].astype(np.int64))[None]
-            volumes = read_meta(folder).get("info", {}).get("label_volumes_ml")
-            if volumes is not None:
-                item["label_volumes_ml"] = torch.tensor(volumes, dtype=torch.float64)
+            if "label_volumes_ml" in info:
+                item["label_volumes_ml"] = torch.tensor(info["label_volumes_ml"], dtype=torch.float64)
         return item
 
     def conditions(self) -> torch.Tensor:
@@ -649,8 +663,7 @@ def preprocess_cohort(manifest, cache_dir, options: PreprocessOptions | None = N
             rec["key"] = key
             if cache.has(key):
                 rec["status"] = "cached"
-                if r.labels and "label_volumes_ml" not in cache.meta(key).get("info", {}):
-                    cache.add_label_volumes(key, r.labels)
+                cache.complete_info(key, r.labels)
             else:
                 result = preprocess(r.image, r.labels, options, template)
                 cache.save(key, result, {"image": str(r.image), "labels": str(r.labels) if r.labels else None,

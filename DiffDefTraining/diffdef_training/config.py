@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A configuration problem, naming the key."""
 
 
+#: Field metadata of an option added after models were trained, whose default keeps the earlier behaviour: at its
+#: default it is left out of run hashes and checkpoint keys, so stages finished before it existed stay current.
+ADDED = {"added": True}
+#: Field metadata of an option read only when atlases are generated from the exported bundle: never part of a run
+#: hash or checkpoint key, so changing it re-exports the bundle and retrains nothing.
+GENERATION_ONLY = {"generation_only": True}
+
+
 @dataclass
 class CohortConfig:
     source: str = "synthetic"  # "synthetic" or a manifest CSV path (real cohort, preprocessed on first use)
@@ -30,14 +38,7 @@ class CohortConfig:
     seed: int = 0  # synthetic: cohort seed
     factor: int = 4  # working grid = 1 mm crop downsampled by this factor
     cache: str = ""  # real cohort: preprocessing cache folder (default <output>/cohort_cache)
-
-
-#: Field metadata of an option added after models were trained, whose default keeps the earlier behaviour: at its
-#: default it is left out of run hashes and checkpoint keys, so stages finished before it existed stay current.
-ADDED = {"added": True}
-#: Field metadata of an option read only when atlases are generated from the exported bundle: never part of a run
-#: hash or checkpoint key, so changing it re-exports the bundle and retrains nothing.
-GENERATION_ONLY = {"generation_only": True}
+    native_volumes: list = field(default_factory=list, metadata=ADDED)  # real cohort: conditions whose manifest values are volumes (ml) measured in each subject's own space (e.g. FreeSurfer's aseg stats); each is divided by the subject's affine determinant (template -> subject) when loaded, so the model is trained, and asked, in template space, where the atlas lives
 
 
 @dataclass
@@ -328,6 +329,13 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     conds = cfg.cohort.conditions
     if not conds or not all(isinstance(c, str) and c for c in conds) or len(set(conds)) != len(conds):
         raise ConfigError(f"cohort.conditions must be a non-empty list of distinct names, got {conds!r}.")
+    for name in cfg.cohort.native_volumes:
+        if name not in conds:
+            raise ConfigError(f"cohort.native_volumes names {name!r}, which is not in cohort.conditions {conds}.")
+    if cfg.cohort.native_volumes and cfg.cohort.source == "synthetic":
+        raise ConfigError("cohort.native_volumes converts a manifest's volumes to template space with each subject's "
+                          "affine; the synthetic cohort's are already there: leave it empty, or set cohort.source "
+                          "to a manifest CSV.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
     return cfg

@@ -69,12 +69,25 @@ def load_cohort(cfg: TrainConfig, split: str = "train", progress: bool = True) -
         lab = torch.stack([it["labels"] for it in items]).long()
         labels = torch.nn.functional.one_hot(lab[:, 0], NUM_LABELS).permute(0, 4, 1, 2, 3).float()
     raw = torch.stack([it["conditions"] for it in items]).float()
+    if cfg.cohort.native_volumes:
+        raw = to_template_space(cfg, raw, torch.tensor([it["affine_determinant"] for it in items]))
     volumes = torch.stack([it["label_volumes_ml"] for it in items]).double() \
         if all("label_volumes_ml" in it for it in items) else None
     if cfg.cohort.source != "synthetic" and volumes is not None:
         for message in volume_condition_mismatches(cfg, raw.numpy(), volumes.numpy()):
             print(f"warning: {message}", file=sys.stderr)
     return stages.CohortTensors(images, labels, raw, None, t1, frac, grid, volumes), raw.numpy()
+
+
+def to_template_space(cfg: TrainConfig, raw: torch.Tensor, determinants: torch.Tensor) -> torch.Tensor:
+    """The conditions ``raw`` (N, K) with each of ``cohort.native_volumes`` (ml in the subject's own space) divided
+    by the subject's affine determinant ``determinants`` (N,) (template -> subject), i.e. in template space; NaN
+    (missing) stays NaN."""
+    raw = raw.clone()
+    for name in cfg.cohort.native_volumes:
+        k = cfg.cohort.conditions.index(name)
+        raw[:, k] = raw[:, k] / determinants.to(raw)
+    return raw
 
 
 def volume_condition_mismatches(cfg: TrainConfig, raw: np.ndarray, volumes_ml: np.ndarray,
@@ -94,9 +107,10 @@ def volume_condition_mismatches(cfg: TrainConfig, raw: np.ndarray, volumes_ml: n
             messages.append(
                 f"the manifest's {name} is a median {abs(ratio - 1) * 100:.0f} % {'below' if ratio < 1 else 'above'} "
                 f"the subjects' template-space volume of label {label} ({int(rows.sum())} subjects with both). DiffDef "
-                f"meets {name} in template space, where the atlas lives: give the subjects' volumes after their affine "
-                "to the template (each cache entry's meta.json records them as info.label_volumes_ml), or the model "
-                "will read every request as a template-space volume.")
+                f"meets {name} in template space, where the atlas lives: if the column holds native volumes, add "
+                f"{name} to cohort.native_volumes (each is then divided by the subject's affine determinant), or give "
+                "the subjects' volumes after their affine to the template (each cache entry's meta.json records "
+                "them as info.label_volumes_ml); else the model reads every request as a template-space volume.")
     return messages
 
 
