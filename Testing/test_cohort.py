@@ -149,7 +149,9 @@ def test_label_volumes_are_recorded_in_template_space(subjects):
 # ---------------------------------------------------------------------------------------------------- runner, cache
 
 
-def test_runner_reports_failures_and_keeps_going(cohort_run):
+def test_runner_reports_failures_and_keeps_going(cohort_run, subjects):
+    """The report has a row per subject, with its registration's affine determinant and final metric (quality
+    control: a failed registration scales the brain), empty where preprocessing failed."""
     records = cohort_run["records"]
     assert [r["status"] for r in records] == ["ok", "ok", "failed"]
     assert records[2]["row"] == 3 and records[2]["line"] == 4
@@ -159,6 +161,10 @@ def test_runner_reports_failures_and_keeps_going(cohort_run):
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert "empty.nii.gz" in rows[2]["image"] and rows[2]["error"]
     assert len(cohort_run["ds"]) == 2
+    true_dets = [abs(np.linalg.det(np.reshape(t.GetMatrix(), (3, 3)))) for t in subjects[2]]  # subject -> template
+    assert [float(r["affine_determinant"]) for r in rows[:2]] == pytest.approx([1 / d for d in true_dets], rel=0.01)
+    assert all(float(r["registration_metric"]) < 0 for r in rows[:2])  # Mattes MI, lower is better
+    assert rows[2]["affine_determinant"] == rows[2]["registration_metric"] == ""
 
 
 def test_second_run_is_a_cache_hit(cohort_run, tmp_path):
@@ -236,6 +242,10 @@ def test_cli(cohort_run, capsys):
     out, err = capsys.readouterr()
     assert code == 1  # one subject fails
     assert "0 preprocessed, 2 from the cache, 1 failed" in out and "row 3 (line 4)" in err
+    dets = {r["subject"]: r["affine_determinant"] for r in cohort_run["records"][:2]}
+    low, high = sorted(dets, key=dets.get)
+    assert (f"affine determinant (subject volume / template volume): median {dets[high]:.3f}, smallest "
+            f"{dets[low]:.3f} ({low}), largest {dets[high]:.3f} ({high})") in out
     assert (cohort_run["cache"] / "report.csv").is_file()
     assert preprocess_main([m, "--conditions", "age", "--cache", cache]) == 2
     assert "unknown column 'ventricle_volume'" in capsys.readouterr().err

@@ -618,7 +618,8 @@ def collate(batch: Sequence[dict]) -> dict:
             "subject": [b["subject"] for b in batch], "row": torch.tensor([b["row"] for b in batch])}
 
 
-REPORT_FIELDS = ("row", "line", "subject", "image", "labels", "status", "error", "seconds", "key")
+REPORT_FIELDS = ("row", "line", "subject", "image", "labels", "status", "error", "seconds", "key",
+                 "affine_determinant", "registration_metric")
 
 
 def write_report(path, records: Sequence[dict]) -> Path:
@@ -656,7 +657,8 @@ def preprocess_cohort(manifest, cache_dir, options: PreprocessOptions | None = N
     bar = tqdm(manifest.rows, desc="preprocessing", unit="subject", disable=not progress)
     for r in bar:
         rec = {"row": r.row, "line": r.line, "subject": r.subject, "image": str(r.image),
-               "labels": str(r.labels) if r.labels else "", "status": "", "error": "", "seconds": 0.0, "key": ""}
+               "labels": str(r.labels) if r.labels else "", "status": "", "error": "", "seconds": 0.0, "key": "",
+               "affine_determinant": "", "registration_metric": ""}
         start = time.perf_counter()
         try:
             key = cache.key(r.image, r.labels, options)
@@ -669,6 +671,8 @@ def preprocess_cohort(manifest, cache_dir, options: PreprocessOptions | None = N
                 cache.save(key, result, {"image": str(r.image), "labels": str(r.labels) if r.labels else None,
                                          "options": options.to_dict(), "template": TEMPLATE_ID})
                 rec["status"] = "ok"
+            info = cache.meta(key).get("info", {})
+            rec["affine_determinant"], rec["registration_metric"] = info["affine_determinant"], info.get("metric", "")
             entries.append({"folder": str(cache.path(key)), "conditions": list(r.conditions),
                             "subject": r.subject, "row": r.row})
         except KeyboardInterrupt:
@@ -733,6 +737,12 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "cached", "failed")}
     print(f"{counts['ok']} preprocessed, {counts['cached']} from the cache, {counts['failed']} failed; "
           f"report: {report}")
+    done = sorted((r for r in records if r["status"] != "failed"), key=lambda r: r["affine_determinant"])
+    if done:
+        print(f"affine determinant (subject volume / template volume): median "
+              f"{done[len(done) // 2]['affine_determinant']:.3f}, smallest {done[0]['affine_determinant']:.3f} "
+              f"({done[0]['subject']}), largest {done[-1]['affine_determinant']:.3f} ({done[-1]['subject']}); a "
+              f"subject far from the others is worth a look (a failed registration scales the brain)")
     for r in records:
         if r["status"] == "failed":
             print(f"  row {r['row']} (line {r['line']}) {r['image']}: {r['error']}", file=sys.stderr)
