@@ -524,22 +524,24 @@ class PreprocessCache:
     def meta(self, key: str) -> dict:
         return read_meta(self.path(key))
 
-    def complete_info(self, key: str, labels_path=None) -> None:
-        """Give an entry written before preprocessing recorded them its ``info["affine_determinant"]`` and, with a
-        label file (the one the key was made from), ``info["label_volumes_ml"]``, from its stored transform;
-        meta.json replaced atomically, and only when something was missing."""
+    def complete_info(self, key: str, labels_path=None) -> dict:
+        """The entry's ``info``, where an entry written before preprocessing recorded them gets its
+        ``info["affine_determinant"]`` and, with a label file (the one the key was made from),
+        ``info["label_volumes_ml"]``, from its stored transform; meta.json replaced atomically, and only when
+        something was missing."""
         folder = self.path(key)
         meta = self.meta(key)
         info = meta.setdefault("info", {})
         missing = "affine_determinant" not in info or (labels_path and "label_volumes_ml" not in info)
         if not missing:
-            return
+            return info
         transform = _sitk().AffineTransform(_sitk().ReadTransform(str(folder / "transform.tfm")))
         info["affine_determinant"] = affine_determinant(transform)
         if labels_path:
             info["label_volumes_ml"] = template_space_volumes_ml(_read_sitk(Path(labels_path), np.uint8), transform)
         with atomic_path(folder / "meta.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps(meta, indent=1, default=str))
+        return info
 
     def load(self, key: str) -> PreprocessResult:
         sitk = _sitk()
@@ -665,13 +667,12 @@ def preprocess_cohort(manifest, cache_dir, options: PreprocessOptions | None = N
             rec["key"] = key
             if cache.has(key):
                 rec["status"] = "cached"
-                cache.complete_info(key, r.labels)
+                info = cache.complete_info(key, r.labels)
             else:
                 result = preprocess(r.image, r.labels, options, template)
                 cache.save(key, result, {"image": str(r.image), "labels": str(r.labels) if r.labels else None,
                                          "options": options.to_dict(), "template": TEMPLATE_ID})
-                rec["status"] = "ok"
-            info = cache.meta(key).get("info", {})
+                rec["status"], info = "ok", result.info
             rec["affine_determinant"], rec["registration_metric"] = info["affine_determinant"], info.get("metric", "")
             entries.append({"folder": str(cache.path(key)), "conditions": list(r.conditions),
                             "subject": r.subject, "row": r.row})
