@@ -116,10 +116,9 @@ def _read_from_elsewhere(entry: dict) -> bool:
     return Path(entry["file"]).parent != Path(".")
 
 
-def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_template: bool = True) -> Bundle:
-    """Load and validate a bundle folder (default: the shipped model). Raises :class:`BundleError`."""
-    path = Path(path) if path is not None else DEFAULT_BUNDLE
-    meta_file = path / "model.json"
+def read_meta(path) -> dict:
+    """The model.json of bundle folder ``path``, as read (not validated beyond being a JSON object)."""
+    meta_file = Path(path) / "model.json"
     if not meta_file.is_file():
         raise BundleError(f"{path} is not a DiffDef model bundle: it has no model.json. Choose the folder that "
                           "holds model.json and the .safetensors files (made by diffdef-train export).")
@@ -129,6 +128,22 @@ def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_t
         raise BundleError(f"{meta_file} is not valid JSON ({exc}).") from exc
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_file} must hold a JSON object.")
+    return meta
+
+
+def write_meta(path, meta: dict) -> None:
+    """Write ``meta`` as bundle folder ``path``'s model.json, atomically, as strict JSON (NaN is not JSON)."""
+    from .io import atomic_path
+
+    with atomic_path(Path(path) / "model.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))
+
+
+def load_bundle(path=None, networks_wanted=NETWORKS + OPTIONAL_NETWORKS, check_template: bool = True) -> Bundle:
+    """Load and validate a bundle folder (default: the shipped model). Raises :class:`BundleError`."""
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    meta_file = path / "model.json"
+    meta = read_meta(path)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise BundleError(f"{meta_file} lacks required key(s) {', '.join(missing)}.")
@@ -182,8 +197,7 @@ def save_bundle(path, meta: dict, nets: dict, overwrite: bool = False) -> Path:
         with atomic_path(file, overwrite=True) as tmp:
             save_file(state, str(tmp))
         meta["weights"][name] = {"file": file.name, "sha256": sha256(file)}
-    with atomic_path(path / "model.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))  # strict JSON: NaN is not JSON
+    write_meta(path, meta)
     return path
 
 
@@ -193,13 +207,8 @@ def share_weights(path, base) -> list[str]:
     checked by SHA-256 at every load like any weight file) and its own copy is deleted. For a bundle that shares
     networks with another, e.g. a decoder retrained on another bundle's upstream stages. model.json is rewritten
     (atomically) before any copy is deleted. Returns the names of the networks now shared."""
-    from .io import atomic_path
-
     path, base = Path(path), Path(base)
-    for p in (path, base):
-        if not (p / "model.json").is_file():
-            raise BundleError(f"{p} holds no model.json: give model bundle folders.")
-    meta, theirs = (json.loads((p / "model.json").read_text()) for p in (path, base))
+    meta, theirs = read_meta(path), read_meta(base)
     shared = {}
     for name, entry in meta["weights"].items():
         other = theirs["weights"].get(name)
@@ -212,8 +221,7 @@ def share_weights(path, base) -> list[str]:
     if shared:
         own = {name: path / meta["weights"][name]["file"] for name in shared}
         meta["weights"] = {n: dict(e, file=shared.get(n, e["file"])) for n, e in meta["weights"].items()}
-        with atomic_path(path / "model.json", overwrite=True) as tmp:
-            tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))
+        write_meta(path, meta)
         for file in own.values():
             file.unlink()
     return sorted(shared)

@@ -14,17 +14,14 @@ Why not a library's regression: numpy's ``lstsq`` is the fit; the rest is the bu
 from __future__ import annotations
 
 import itertools
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffdef import fields
-from diffdef.bundle import BundleError
+from diffdef.bundle import BundleError, read_meta, write_meta
 from diffdef.calibration import held_feature
-from diffdef.io import atomic_path
 from diffdef.template import load_template
 
 from .config import TrainConfig, neighbourhood_volume_groups
@@ -92,10 +89,7 @@ def write_into_bundle(bundle_path, cfg: TrainConfig, progress: bool = True) -> d
     for a bundle exported before bundles carried it. The bundle must record the same cohort and held labels."""
     from .pipeline import prepared_cohort
 
-    meta_file = Path(bundle_path) / "model.json"
-    if not meta_file.is_file():
-        raise BundleError(f"{bundle_path} holds no model.json: give a model bundle folder.")
-    meta = json.loads(meta_file.read_text())
+    meta = read_meta(bundle_path)
     recorded = meta.get("provenance", {}).get("config", {})
     mine = cfg.to_dict()
     for section, key in (("cohort", None), ("decoder", "neighbourhood_volume_labels"), ("decoder", "log_conditions")):
@@ -110,6 +104,5 @@ def write_into_bundle(bundle_path, cfg: TrainConfig, progress: bool = True) -> d
     if model is None:
         raise BundleError("The config holds no decoder.neighbourhood_volume_labels (or the cohort no label maps): "
                           "there is no held volume to fit.")
-    with atomic_path(meta_file, overwrite=True) as tmp:
-        tmp.write_text(json.dumps({**meta, "held_volumes": model}, indent=1, allow_nan=False))
+    write_meta(bundle_path, {**meta, "held_volumes": model})
     return model
