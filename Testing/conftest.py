@@ -32,3 +32,12 @@ def tiny_generator(tiny_bundle):
     from diffdef.generate import AtlasGenerator
 
     return AtlasGenerator(tiny_bundle, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_conditional_template(tiny_bundle) -> Path:
+    """A conditional template network trained for a few steps on the tiny bundle's cohort, written beside it."""
+    from diffdef_training.conditional_template import run
+
+    return run(tiny_bundle, tiny_bundle.parent / "conditional-template", tiny_bundle.parent / "ct-run", steps=3,
+               batch_size=2, progress=False, device="cpu")

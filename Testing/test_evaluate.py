@@ -12,13 +12,14 @@ from diffdef import metrics
 
 
 @pytest.fixture(scope="module")
-def tiny_evaluation(tiny_bundle, tmp_path_factory):
-    """One condition, one seed, every method but the ablation (see test_ablation_comparison), cheap groupwise."""
+def tiny_evaluation(tiny_bundle, tiny_conditional_template, tmp_path_factory):
+    """One condition, every method but the ablation (see test_ablation_comparison), cheap groupwise; two seeds,
+    of which only DiffDef uses both."""
     from diffdef_training.evaluate import EvalSettings, run_evaluation, write_outputs
 
     out = tmp_path_factory.mktemp("evaluation")
-    s = EvalSettings(model=str(tiny_bundle), out=str(out), conditions=[(65.0, 25.0)],
-                     seeds=(0,), conventional_conditions=1, conventional_iterations=1, conventional_demons_iterations=5,
+    s = EvalSettings(model=str(tiny_bundle), conditional_template=str(tiny_conditional_template), out=str(out),
+                     conditions=[(65.0, 25.0)], seeds=(0, 1), intensity_seeds=1, conventional_conditions=1, conventional_iterations=1, conventional_demons_iterations=5,
                      threads=2, progress=False)
     result = run_evaluation(s)
     files = write_outputs(result, out)
@@ -29,17 +30,19 @@ def _rows(result, method):
     return [r for r in result["rows"] if r["method"] == method]
 
 
-def test_outputs_written(tiny_evaluation):
+def test_outputs_written(tiny_evaluation, tiny_conditional_template):
     result, out, files = tiny_evaluation
     for name in ("evaluation.md", "evaluation.json", "evaluation_atlases.png", "evaluation_volumes.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = json.loads((out / "evaluation.json").read_text())
     assert {r["method"] for r in data["rows"]} == {"true atlas", "DiffDef", "DiffDef, no volume calibration",
                                                   "MNI template", "conventional", "conventional, 1 mm",
-                                                  "intensity generation"}
+                                                  "intensity generation", "conditional template network"}
     md = (out / "evaluation.md").read_text()
-    for method in ("DiffDef", "MNI template", "conventional", "intensity generation", "Targets"):
+    for method in ("DiffDef", "MNI template", "conventional", "intensity generation", "conditional template network",
+                   "Targets"):
         assert method in md
+    assert str(tiny_conditional_template) in md and data["conditional_template_model"] == str(tiny_conditional_template)
     assert data["seconds_total"] > 0
 
 
@@ -62,7 +65,27 @@ def test_metrics_finite_and_in_range(tiny_evaluation):
     uncalibrated = _rows(result, "DiffDef, no volume calibration")[0]
     assert abs(diffdef["ventricle_err_pct"]) < 3 < abs(uncalibrated["ventricle_err_pct"])
     note = next(t["note"] for t in result["targets"] if t["target"].startswith("ventricle volume"))
-    assert f"the decoder alone (no volume calibration): max {abs(uncalibrated['ventricle_err_pct']):.1f} %" in note
+    worst = max(abs(r["ventricle_err_pct"]) for r in _rows(result, "DiffDef, no volume calibration"))
+    assert f"the decoder alone (no volume calibration): max {worst:.1f} %" in note
+
+
+def test_conditional_template_runs_once_per_condition(tiny_evaluation):
+    """The deterministic baseline makes one atlas per condition (the first seed), scored like DiffDef's, with
+    its deformation judged (folding) and its requested volume calibrated as diffdef generate does."""
+    result, _, _ = tiny_evaluation
+    assert len(_rows(result, "DiffDef")) == 2
+    (row,) = _rows(result, "conditional template network")
+    assert row["seed"] == 0 and row["folding_pct"] == 0.0 and abs(row["ventricle_err_pct"]) < 3
+
+
+def test_a_diffdef_bundle_is_refused_as_the_conditional_template(tiny_bundle, tmp_path):
+    from diffdef_training.evaluate import EvalSettings, run_evaluation
+
+    s = EvalSettings(model=str(tiny_bundle), conditional_template=str(tiny_bundle), out=str(tmp_path),
+                     conditions=[(65.0, 25.0)], seeds=(0,), methods=("conditional template network",), progress=False)
+    with pytest.raises(ValueError, match="not a conditional template network.*diffdef-train conditional-template"):
+        run_evaluation(s)
+    assert not any(tmp_path.iterdir())
 
 
 def test_conventional_at_1mm_uses_the_same_subjects(tiny_evaluation):

@@ -73,6 +73,13 @@ class Bundle:
         return tuple(self.meta["latent"]["shape"])
 
     @property
+    def uses_latents(self) -> bool:
+        """Whether the decoder decodes a diffusion latent; False for a conditional template network, whose
+        conditions are all it sees (``architecture.decoder.latent_input``, written by diffdef-train
+        conditional-template): it is given a zero latent and makes one deterministic atlas per condition."""
+        return bool(self.meta["architecture"].get("decoder", {}).get("latent_input", True))
+
+    @property
     def scale_factor(self) -> float:
         return float(self.meta["latent"]["scale_factor"])
 

@@ -93,7 +93,9 @@ class AtlasGenerator:
         before integration. The first latent of a batch is the one ``samples=1`` draws with the same seed.
         ``smoothing_mm`` > 0 then filters the mean by a Gaussian of that sigma (mm; :func:`fields.smooth`): the
         decoder leaves a fine-scale field off the cohort's anatomy that averaging the draws does not remove
-        (docs/decoder-sweep.md, twenty-fifth round)."""
+        (docs/decoder-sweep.md, twenty-fifth round). A conditional template bundle (``Bundle.uses_latents``
+        False) samples nothing: its decoder makes one velocity from the conditions, and ``steps``, ``guidance``,
+        ``samples`` and ``seed`` do not apply (recorded as 0, 0 and 1)."""
         mean, values, warnings, used = self._mean_velocity(conditions, seed, steps, guidance, samples, smoothing_mm,
                                                            progress, cancel)
         return self._smoothed(mean, used), values, warnings, used
@@ -113,16 +115,24 @@ class AtlasGenerator:
                              f"samples {used['samples']}).")
         if not 0 <= used["smoothing_mm"] < float("inf"):
             raise ValueError(f"smoothing must be a finite number of mm >= 0 (0 = none), got {used['smoothing_mm']}.")
-        cond = self.spec.normalise(values).to(self.device).expand(used["samples"], -1)
         nets = self.bundle.nets
-        gen = torch.Generator().manual_seed(int(seed))
-        latent = sample_latents(
-            nets["diffusion"], nets["condition_embedding"], self.bundle.meta["architecture"]["scheduler"], cond,
-            self.bundle.latent_shape, steps=used["steps"], guidance=used["guidance"], generator=gen, cancel=cancel,
-            progress=(lambda n, total: progress(0.8 * n / total, f"Diffusion step {n}/{total}")) if progress else None)
+        cond = self.spec.normalise(values).to(self.device)  # (1, K)
+        if self.bundle.uses_latents:
+            gen = torch.Generator().manual_seed(int(seed))
+            latent = sample_latents(
+                nets["diffusion"], nets["condition_embedding"], self.bundle.meta["architecture"]["scheduler"],
+                cond.expand(used["samples"], -1), self.bundle.latent_shape, steps=used["steps"],
+                guidance=used["guidance"], generator=gen, cancel=cancel,
+                progress=(lambda n, total: progress(0.8 * n / total, f"Diffusion step {n}/{total}")) if progress else None)
+        else:  # a conditional template network: nothing to sample or average, one velocity per condition
+            used = {**used, "steps": 0, "guidance": 0.0, "samples": 1}
+            if (steps, guidance, samples) != (None, None, None):
+                warnings = warnings + ["This model is a conditional template network: it samples nothing, so the "
+                                       "sampling steps, guidance and samples asked for do not apply."]
+            latent = torch.zeros((1, *self.bundle.latent_shape), device=self.device)
         with torch.no_grad():  # one latent at a time: on 2 CPU threads the decoder's batch of 8 took 0.54-0.62 s,
             # eight single passes 0.38 s (the diffusion U-Net, by contrast, gains from the batch: 1.3 s against 2.4 s)
-            velocity = sum(nets["decoder"](latent[i:i + 1], cond[:1]) for i in range(len(latent))) / len(latent)
+            velocity = sum(nets["decoder"](latent[i:i + 1], cond) for i in range(len(latent))) / len(latent)
         return velocity, values, warnings, used
 
     def generate(self, conditions: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,

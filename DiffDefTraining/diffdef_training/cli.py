@@ -8,6 +8,8 @@ Examples:
   diffdef-train held-volumes runs/old/bundle --config my.yaml   # add the cohort's tissue fit to an older bundle
   diffdef-train unpack DiffDefSlicer/Resources/Models/default --config DiffDefTraining/configs/shipped.yaml \
       --output runs/mine   # the shipped model's upstream stages, then: pipeline ... --stages decoder
+  diffdef-train conditional-template DiffDefSlicer/Resources/Models/default --output models/ct --run runs/ct
+      # the evaluation's VoxelMorph-style conditional template network, on the bundle's cohort
   diffdef-train preprocess cohort.csv --conditions age,ventricle_volume --cache cache/
   diffdef-train synthesize synth/ --subjects 100 --factor 2 --random-affine  # synthetic cohort -> NIfTI + manifest
   diffdef-train cohort-stats --subjects 500                                    # check the synthetic law
@@ -68,6 +70,14 @@ def _share_weights(a):
     print(f"{a.bundle} now reads {', '.join(names) if names else 'no network'} from {a.base}")
 
 
+def _conditional_template(a):
+    from .conditional_template import run
+
+    path = run(a.base, a.output, a.run, steps=a.steps, batch_size=a.batch_size, resume=a.resume,
+               progress=not a.no_progress, device=a.device, threads=a.threads)
+    print(f"conditional template bundle written to {path}")
+
+
 def _plot(a):
     from .plots import plot_run
 
@@ -125,6 +135,23 @@ def main(argv=None):
                    "upstream stages)")
     s.add_argument("--base", required=True, help="the bundle folder that keeps its files")
     s.set_defaults(fn=_share_weights)
+    s = sub.add_parser("conditional-template", help="train the evaluation's conditional template network "
+                       "(VoxelMorph-style: conditions alone -> deformation of the template, no diffusion) on a "
+                       "bundle's cohort and write it as a bundle that shares the base's other networks",
+                       epilog="example: diffdef-train conditional-template DiffDefSlicer/Resources/Models/default "
+                       "--output DiffDefTraining/models/conditional-template --run runs/conditional-template")
+    s.add_argument("base", help="the DiffDef bundle folder whose cohort (rebuilt from its recorded configuration), "
+                   "registration network and autoencoder are used")
+    s.add_argument("--output", required=True, help="new bundle folder (must not exist or be empty); keep it beside "
+                   "or below a fixed path relative to BASE, which it reads the shared networks from")
+    s.add_argument("--run", required=True, help="folder for checkpoints and log.csv (resumable)")
+    s.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
+    s.add_argument("--batch-size", type=int, default=2, help="subjects per step (default 2)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint in --run")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the base's configuration)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    s.set_defaults(fn=_conditional_template)
     s = sub.add_parser("plot", help="plot a run's loss curves (log.csv of each stage) to PNG")
     s.add_argument("run", help="run folder (the config's output)")
     s.add_argument("--output", help="PNG folder (default: the run folder)")

@@ -1,7 +1,8 @@
 """Evaluation benchmark: DiffDef against baselines and the synthetic law's ground truth.
 
     python -m diffdef_training.evaluate --model DiffDefSlicer/Resources/Models/default \\
-        --ablation DiffDefTraining/models/default-no-mp --out docs/
+        --ablation DiffDefTraining/models/default-no-mp \\
+        --conditional-template DiffDefTraining/models/conditional-template --out docs/
     diffdef-train evaluate --model DIR --out docs/            # the same through the training CLI
 
 For each condition of a grid (an age sweep with the ventricle volume at the law's median m(a), and a ventricle
@@ -16,7 +17,10 @@ sweep at one age; ages and volumes beyond the training range included), every me
   ``conventional, 1 mm`` (the same neighbourhood and settings on the 1 mm grid DiffDef's atlases are on, on
   ``--conventional-1mm-conditions`` conditions: the cost of a conventional atlas at DiffDef's resolution),
   ``intensity generation`` (the
-  autoencoder's image decoder on the same diffusion latents), plus the ``true atlas`` as a reference row;
+  autoencoder's image decoder on the same diffusion latents), ``conditional template network``
+  (``--conditional-template``: a VoxelMorph-style network from the conditions alone, trained per subject, see
+  :mod:`diffdef_training.conditional_template`; generated as DiffDef's atlases are, with the volume calibration;
+  deterministic, so the first seed only), plus the ``true atlas`` as a reference row;
 * metrics: Dice and HD95 (mm) per label (nearest-neighbour labels, 1 mm, the template's crop around the brain);
   ventricle volume against the one requested and tissue (GM + WM) volume against the law's B(a), in ml and %;
   centrality (mm): the norm of the mean displacement from the atlas to the N held-out synthetic subjects (indices
@@ -54,8 +58,10 @@ from diffdef.template import CROP_SIZE, CROP_START, GM, LABEL_NAMES, VENTRICLES,
 from . import baselines
 
 CONVENTIONAL_1MM = "conventional, 1 mm"
+CONDITIONAL_TEMPLATE = "conditional template network"
 UNCALIBRATED = "DiffDef, no volume calibration"
-METHODS = ("DiffDef", UNCALIBRATED, "DiffDef, no MP loss", "MNI template", "conventional", CONVENTIONAL_1MM, "intensity generation")
+METHODS = ("DiffDef", UNCALIBRATED, "DiffDef, no MP loss", "MNI template", "conventional", CONVENTIONAL_1MM,
+           "intensity generation", CONDITIONAL_TEMPLATE)
 REFERENCE = "true atlas"
 LABEL_KEYS = {1: "CSF", 2: "GM", 3: "WM", 4: "LV"}
 DEFAULT_AGES = (40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
@@ -68,6 +74,7 @@ VOLUME_SWEEP_AGE = 65.0
 class EvalSettings:
     model: str | None = None  # bundle folder (None: the shipped default)
     ablation: str | None = None  # bundle folder of the decoder trained without the MP loss
+    conditional_template: str | None = None  # bundle folder of diffdef-train conditional-template
     out: str = "docs"
     ages: tuple = DEFAULT_AGES
     volumes: tuple = DEFAULT_VOLUMES
@@ -316,17 +323,24 @@ def run_evaluation(s: EvalSettings) -> dict:
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method {unknown[0]!r}; methods: {', '.join(METHODS)}.")
-    methods = [m for m in s.methods if m != "DiffDef, no MP loss" or s.ablation]
+    methods = [m for m in s.methods if (m != "DiffDef, no MP loss" or s.ablation)
+               and (m != CONDITIONAL_TEMPLATE or s.conditional_template)]
     ctx = Context(s)
-    ablation = None
-    if "DiffDef, no MP loss" in methods:
-        from diffdef.bundle import load_bundle
-        from diffdef.generate import AtlasGenerator
+    from diffdef.bundle import load_bundle
+    from diffdef.generate import AtlasGenerator
 
+    ablation = conditional = None
+    if "DiffDef, no MP loss" in methods:
         ab = load_bundle(s.ablation)
         if ab.meta["provenance"].get("morphology_preservation_loss", False):
             print(f"warning: the ablation bundle {s.ablation} says it was trained WITH the MP loss.", file=sys.stderr)
         ablation = AtlasGenerator(ab, device="cpu")
+    if CONDITIONAL_TEMPLATE in methods:
+        ct = load_bundle(s.conditional_template)
+        if ct.uses_latents:
+            raise ValueError(f"{s.conditional_template} decodes diffusion latents: it is not a conditional template "
+                             "network. Give the bundle written by diffdef-train conditional-template.")
+        conditional = AtlasGenerator(ct, device="cpu")
     grid = condition_grid(s, ctx.spec, ctx.law)
     conv_idx = set(_pick_evenly(len(grid), s.conventional_conditions)) if "conventional" in methods else set()
     conv_factor = int(s.conventional_factor or ctx.factor)
@@ -337,6 +351,7 @@ def run_evaluation(s: EvalSettings) -> dict:
     seeds = [int(x) for x in s.seeds]
     rows, examples = [], {}
     total = sum(1 + len(seeds) * (("DiffDef" in methods) + (UNCALIBRATED in methods) + (ablation is not None))
+                + (conditional is not None)
                 + ("MNI template" in methods) + (n in conv_idx) + (n in conv1_idx)
                 + ("intensity generation" in methods) * min(s.intensity_seeds, len(seeds)) for n in range(len(grid)))
     bar = tqdm(total=total, desc="evaluation", disable=not s.progress, file=sys.stderr)
@@ -358,12 +373,14 @@ def run_evaluation(s: EvalSettings) -> dict:
         truth = _truth(ctx, values)
         add(REFERENCE, cond, None, ctx.score(truth["t1"], truth["labels_full"], values, truth, truth["det"],
                                              with_overlap=False), 0.0, t1=truth["t1"], labels=truth["labels_full"])
-        for method, gen, calibrate in (("DiffDef", ctx.generator if "DiffDef" in methods else None, True),
-                                       (UNCALIBRATED, ctx.generator if UNCALIBRATED in methods else None, False),
-                                       ("DiffDef, no MP loss", ablation, True)):
+        for method, gen, calibrate, its_seeds in (
+                ("DiffDef", ctx.generator if "DiffDef" in methods else None, True, seeds),
+                (UNCALIBRATED, ctx.generator if UNCALIBRATED in methods else None, False, seeds),
+                ("DiffDef, no MP loss", ablation, True, seeds),
+                (CONDITIONAL_TEMPLATE, conditional, True, seeds[:1])):  # deterministic: one atlas per condition
             if gen is None:
                 continue
-            for seed in seeds:
+            for seed in its_seeds:
                 t = time.perf_counter()
                 # timed as a user runs it: no Jacobian map
                 atlas = gen.generate(values, seed=seed, calibrate_volumes=calibrate)
@@ -403,6 +420,7 @@ def run_evaluation(s: EvalSettings) -> dict:
                   "conditions": ctx.spec.to_list(), "provenance": {k: v for k, v in ctx.bundle.meta["provenance"].items()
                                                                    if k not in ("config", "final_losses")}},
         "ablation_model": str(s.ablation) if ablation is not None else None,
+        "conditional_template_model": str(s.conditional_template) if conditional is not None else None,
         "neighbourhood": {"held_out_subjects": ctx.held_indices[:1] + ctx.held_indices[-1:], "n": ctx.n_neighbours,
                           "sigma": ctx.sigma, "conventional_n": conv_n, "conventional_grid_mm": float(ctx.template.working_grid(conv_factor).grid.spacing[0])},
         "conditions": grid,
@@ -556,11 +574,13 @@ def markdown(result: dict) -> str:
          f"({result.get('machine', '')}, {s['threads']} threads).", "",
          f"Model: `{m['path']}` (working grid {m['working_grid_mm']:g} mm, trained on {prov.get('cohort_size')} synthetic "
          f"subjects, cohort seed {prov.get('cohort_seed')}, MP loss {prov.get('morphology_preservation_loss')}). "
-         f"Ablation: `{result['ablation_model'] or 'not given'}`.", "",
+         f"Ablation: `{result['ablation_model'] or 'not given'}`. Conditional template network: "
+         f"`{result.get('conditional_template_model') or 'not given'}`.", "",
          "Ground truth: the synthetic law's true atlas at 1 mm (`SyntheticLaw.true_atlas`). Conditions: an age sweep "
          "(ventricle volume at the law's median m(a)) and a ventricle sweep at one age; *extrapolated* = outside the "
          "model's training range. Generative methods are run with seeds "
-         f"{', '.join(map(str, s['seeds']))} (intensity generation with the first {s['intensity_seeds']}); the "
+         f"{', '.join(map(str, s['seeds']))} (intensity generation with the first {s['intensity_seeds']}, the "
+         "deterministic conditional template network with the first); the "
          f"conventional template on {s['conventional_conditions']} evenly spaced conditions only (it is slow), built "
          f"on the {result['neighbourhood']['conventional_grid_mm']:g} mm grid, and on "
          f"{s.get('conventional_1mm_conditions', 0)} of them also at 1 mm, the grid DiffDef's atlases are on "
@@ -653,7 +673,7 @@ def figures(result: dict, out: Path) -> list[str]:
                     ax.set_title(f"age {cond['age']:g}\nV {cond['ventricle_volume']:g} ml"
                                  + ("" if cond["in_range"] else "*"), fontsize=7)
                 if c == 0:
-                    ax.set_ylabel(method.replace(", ", ",\n").replace(" generation", "\ngeneration"), fontsize=7)
+                    ax.set_ylabel(method.replace(", ", ",\n").replace(" generation", "\ngeneration").replace(" network", "\nnetwork"), fontsize=7)
         fig.suptitle("Axial slice through the ventricles (cyan: ventricle labels); * extrapolated; seed "
                      f"{result['settings']['seeds'][0]}", fontsize=8)
         fig.tight_layout()
@@ -663,7 +683,7 @@ def figures(result: dict, out: Path) -> list[str]:
         files.append(str(path))
     rows = result["rows"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    markers = dict(zip((REFERENCE, *METHODS), ("*", "o", "x", "^", "s", "D", "P", "v")))
+    markers = dict(zip((REFERENCE, *METHODS), ("*", "o", "x", "^", "s", "D", "P", "v", "h")))
     for method in (REFERENCE, *METHODS):
         sel = [r for r in rows if r["method"] == method]
         if not sel:
@@ -731,6 +751,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalSettings()
     p.add_argument("--model", help="model bundle folder (default: the shipped model)")
     p.add_argument("--ablation", help="bundle whose decoder was trained without the MP loss (adds that method)")
+    p.add_argument("--conditional-template", help="bundle written by diffdef-train conditional-template (adds the "
+                   "conditional template network baseline)")
     p.add_argument("--out", default="docs", help="output folder for evaluation.md/.json and the figures (default docs)")
     p.add_argument("--ages", type=_floats, default=d.ages, help="ages of the age sweep, years (default 40,50,...,90)")
     p.add_argument("--ventricle-volumes", type=_floats, default=d.volumes,
@@ -765,7 +787,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(a, command: str = "") -> EvalSettings:
-    return EvalSettings(model=a.model, ablation=a.ablation, out=a.out, ages=a.ages, volumes=a.ventricle_volumes,
+    return EvalSettings(model=a.model, ablation=a.ablation, conditional_template=a.conditional_template, out=a.out, ages=a.ages, volumes=a.ventricle_volumes,
                         extrapolated_volume=a.extrapolated_volume, volume_sweep_age=a.volume_sweep_age,
                         conditions=a.conditions, seeds=a.seeds, intensity_seeds=a.intensity_seeds, methods=a.methods,
                         conventional_conditions=a.conventional_conditions,
