@@ -97,3 +97,13 @@ def test_command_line(tiny_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: .* already exists"):
         main(["conditional-template", str(tiny_bundle), "--output", str(tmp_path / "ct"), "--run",
               str(tmp_path / "run2"), "--steps", "1", "--no-progress"])
+
+
+def test_generate_command_warns_that_sampling_options_do_not_apply(tiny_conditional_template, tmp_path, capsys):
+    from diffdef.cli import main
+
+    assert main(["generate", "--model", str(tiny_conditional_template), "--age", "60", "--ventricle-volume", "25",
+                 "--steps", "5", "--no-preview", "-o", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: This model is a conditional template network" in captured.out + captured.err
+    assert json.loads((tmp_path / "atlas.json").read_text())["steps"] == 0

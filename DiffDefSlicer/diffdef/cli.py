@@ -387,6 +387,10 @@ def cmd_generate(args, spec) -> int:
         gen = _generator(args, timings, conditions, progress)
         atlas = gen.generate(conditions, seed=_opt(args, "seed", 0), **_sampling(args),
                              jacobian=_opt(args, "jacobian", False), progress=progress.callback(0.0, 0.8))
+        printed = set(gen.spec.validate(conditions)[1])  # by _generator
+        for w in atlas.warnings:
+            if w not in printed:  # the calibration's, the model's
+                progress.write(f"warning: {w}")
         atlas.timings = {**timings, **atlas.timings}
         written = write_atlas(atlas, out, bundle=gen.bundle, requested=conditions, prefix=args.prefix,
                               overwrite=_opt(args, "overwrite", False), preview=not args.no_preview,
