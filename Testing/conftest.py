@@ -35,9 +35,10 @@ def tiny_generator(tiny_bundle):
 
 
 @pytest.fixture(scope="session")
-def tiny_conditional_template(tiny_bundle) -> Path:
-    """A conditional template network trained for a few steps on the tiny bundle's cohort, written beside it."""
+def tiny_conditional_template(tiny_bundle, tmp_path_factory) -> Path:
+    """A conditional template network trained for a few steps on the tiny bundle's cohort (its run folder,
+    ``ct-run``, beside it)."""
     from diffdef_training.conditional_template import run
 
-    return run(tiny_bundle, tiny_bundle.parent / "conditional-template", tiny_bundle.parent / "ct-run", steps=3,
-               batch_size=2, progress=False, device="cpu")
+    root = tmp_path_factory.mktemp("conditional_template")
+    return run(tiny_bundle, root / "bundle", root / "ct-run", steps=3, batch_size=2, progress=False, device="cpu")

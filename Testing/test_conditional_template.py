@@ -46,14 +46,15 @@ def test_bundle_shares_the_base_networks(tiny_bundle, tiny_conditional_template)
     meta = json.loads((tiny_conditional_template / "model.json").read_text())
     assert meta["weights"]["decoder"]["file"] == "decoder.safetensors"
     for name in ("diffusion", "condition_embedding", "registration"):
-        assert meta["weights"][name]["file"] == f"../bundle/{name}.safetensors"
+        assert (tiny_conditional_template / meta["weights"][name]["file"]).resolve() == \
+            (tiny_bundle / f"{name}.safetensors").resolve()
         assert not (tiny_conditional_template / f"{name}.safetensors").exists()
     assert meta["architecture"]["decoder"]["latent_input"] is False and meta["sampling"]["samples"] == 1
     assert meta["provenance"]["base_bundle"] == str(tiny_bundle)
     assert meta["provenance"]["conditional_template"]["steps"] == 3
     ct = load_bundle(tiny_conditional_template)
     assert not ct.uses_latents and load_bundle(tiny_bundle).uses_latents
-    assert not (tiny_conditional_template.parent / "conditional-template.partial").exists()
+    assert not (tiny_conditional_template.parent / "bundle.partial").exists()
 
 
 def test_generation_is_one_deterministic_atlas_per_condition(tiny_conditional_template):
@@ -84,7 +85,8 @@ def test_refusals_write_nothing(tiny_bundle, tiny_conditional_template, tmp_path
     with pytest.raises(ValueError, match="is itself a conditional template bundle"):
         run(tiny_conditional_template, tmp_path / "out", tmp_path / "run", steps=1, progress=False, device="cpu")
     with pytest.raises(FileExistsError, match="add --resume to continue it"):  # the fixture's run folder
-        run(tiny_bundle, tmp_path / "out", tiny_bundle.parent / "ct-run", steps=1, progress=False, device="cpu")
+        run(tiny_bundle, tmp_path / "out", tiny_conditional_template.parent / "ct-run", steps=1, progress=False,
+            device="cpu")
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
