@@ -676,7 +676,7 @@ def figures(result: dict, out: Path) -> list[str]:
                     ax.set_ylabel(method.replace(", ", ",\n").replace(" generation", "\ngeneration").replace(" network", "\nnetwork"), fontsize=7)
         fig.suptitle("Axial slice through the ventricles (cyan: ventricle labels); * extrapolated; seed "
                      f"{result['settings']['seeds'][0]}", fontsize=8)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # 0.3 inch for the title
         path = out / "evaluation_atlases.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
