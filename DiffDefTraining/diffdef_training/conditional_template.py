@@ -32,8 +32,9 @@ import torch
 
 from diffdef.bundle import BundleError, load_bundle, save_bundle, share_weights
 
-from .config import ConfigError, TrainConfig, from_dict
+from .config import TrainConfig
 from .engine import StepData, init_distributed, sample_generator, train
+from .pipeline import _checkpoint_seconds, _machine, prepared_cohort, recorded_config
 from .stages import CohortTensors, DecoderObjective, build_decoder, drop_conditions
 
 STEPS = 1200
@@ -80,23 +81,12 @@ def train_conditional_template(cfg: TrainConfig, ctx, cohort: CohortTensors, out
     return train("conditional_template", network, loss_fn, dcfg, ctx, out, resume, **kw)
 
 
-def recorded_config(bundle) -> TrainConfig:
-    """The training configuration a bundle records (its cohort, seed, decoder weights)."""
-    try:
-        return from_dict(bundle.meta["provenance"]["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise BundleError(f"{bundle.path}/model.json does not record a training configuration this version can "
-                          f"read ({exc}); the conditional template is trained on the base bundle's own cohort.") from exc
-
-
 def run(base, output, run_dir, steps: int = STEPS, batch_size: int = BATCH_SIZE, resume: bool = False,
         progress: bool = True, device: str = "auto", threads: int | None = None, stop_after: int | None = None) -> Path | None:
     """Train on the cohort bundle ``base`` was trained on (rebuilt from its recorded configuration) with its
     registration network and autoencoder, checkpoints in ``run_dir``, and write the bundle ``output`` (sharing
     ``base``'s other networks by relative path). Refuses an existing ``output`` before any training. Returns
     ``output``, or None when ``stop_after`` ended the run early (resume it with ``resume``)."""
-    from .pipeline import _checkpoint_seconds, _machine, prepared_cohort
-
     base, output, run_dir = Path(base), Path(output), Path(run_dir)
     if (output / "model.json").exists() or (output.exists() and any(output.iterdir())):
         raise FileExistsError(f"{output} already exists and is not empty; nothing was written. Choose a new folder "
@@ -107,7 +97,8 @@ def run(base, output, run_dir, steps: int = STEPS, batch_size: int = BATCH_SIZE,
     if "image_decoder" not in bundle.nets:
         raise BundleError(f"{base} has no autoencoder weights (image_decoder.safetensors), from which the network "
                           "is initialised; use a bundle exported by diffdef-train pipeline.")
-    cfg = objective_config(recorded_config(bundle), steps, batch_size)
+    cfg = objective_config(recorded_config(bundle, "the conditional template is trained on the base bundle's own "
+                                                   "cohort, which it names"), steps, batch_size)
     cfg = dataclasses.replace(cfg, output=str(run_dir), device=device, threads=threads or cfg.threads)
     latest = run_dir / "checkpoints" / "latest.pt"
     if latest.exists() and not resume:

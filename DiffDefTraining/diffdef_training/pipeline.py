@@ -263,6 +263,20 @@ BUNDLED_STAGES = {"autoencoder": {"": "image_decoder"},
 UNPACKABLE = tuple(BUNDLED_STAGES)
 
 
+def recorded_config(bundle, advice: str = "retrain it with diffdef-train pipeline") -> TrainConfig:
+    """The training configuration bundle ``bundle`` records (``provenance.config``); :class:`BundleError` naming
+    ``advice`` when it records none this version can read."""
+    from diffdef.bundle import BundleError
+
+    from .config import ConfigError, from_dict
+
+    try:
+        return from_dict(bundle.meta["provenance"]["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise BundleError(f"{bundle.path}/model.json does not record a training configuration this version can "
+                          f"read ({exc}); {advice}.") from exc
+
+
 def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]:
     """Write the stages ``names`` (of autoencoder, diffusion, registration) of an exported bundle into the run
     folder ``cfg.output`` as finished stages, so that ``--stages decoder`` trains a deformation decoder on a
@@ -274,8 +288,6 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
     time and machine, so a bundle exported from the run still reports how its stages were trained."""
     from diffdef.bundle import BundleError, load_bundle
 
-    from .config import ConfigError, from_dict
-
     bad = [n for n in names if n not in UNPACKABLE]
     if bad or not names:
         raise ValueError(f"Cannot unpack stage {(bad or [names])[0]!r}: a bundle holds the stages "
@@ -285,11 +297,7 @@ def unpack_bundle(bundle_path, cfg: TrainConfig, names=UNPACKABLE) -> list[Path]
         raise BundleError(f"{bundle_path} has no autoencoder weights (image_decoder.safetensors): it cannot "
                           "give the autoencoder stage. Use a bundle exported by diffdef-train pipeline.")
     provenance = bundle.meta["provenance"]
-    try:
-        recorded = from_dict(provenance["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise BundleError(f"{bundle_path}/model.json does not record a training configuration this version can "
-                          f"read ({exc}); retrain the upstream stages instead.") from exc
+    recorded = recorded_config(bundle, "retrain the upstream stages instead")
     differ = {n: [s for s in ("architecture", *_DEPENDS[n]) if recorded.hash(s) != cfg.hash(s)] for n in names}
     differ = {n: sections for n, sections in differ.items() if sections}
     if differ:
